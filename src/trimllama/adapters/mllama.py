@@ -1,0 +1,298 @@
+"""Trimming wired into Hugging Face Mllama (Llama-3.2-Vision), transformers 5.23.
+
+How one forward pass runs with the hooks (see `shared/method.md` for the Mllama internals):
+
+    MllamaModel                    pre-hook: checks the inputs, records the (images, tiles, patches) layout
+      language_model (text model)  post-hook: drops per-step buffers, measures the cache after a prefill
+        first cross-attn layer     pre-hook: on prefill keeps the full inputs for scoring; on decode gathers
+                                   the step's mask to the kept columns (used by the later layers)
+          cross_attn.q_norm/k_norm post-hooks: capture q/k on prefill, so scoring reuses the layer's projections
+                                   post-hook: scores, selects, builds the TrimPlan, gathers the kept features
+        later cross-attn layers    pre-hook: swap in the kept features (prefill) and the gathered mask (always)
+
+Decode steps pass `cross_attention_states=None`; the later layers read their (trimmed) cache, and
+the mask that `MllamaModel` rebuilds from the untrimmed tile layout is gathered with the plan's indices.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.models.mllama.modeling_mllama import (
+    MllamaForConditionalGeneration,
+    MllamaModel,
+    MllamaTextCrossAttention,
+)
+
+from ..errors import MissingImageError, ShapeMismatchError, UnsupportedModelError
+from ..methods.base import ImageTokens, SelectionMethod
+from ..plan import TrimPlan
+from ..selection import head_attention
+from .base import Adapter, TrimStats
+
+
+@dataclass
+class _Prefill:
+    """Inputs of the scoring layer on a prefill, held until the selection is made.
+
+    states: (batch, image_tokens, hidden); mask: (batch, 1, text_len, image_tokens) additive;
+    row_visible: (batch, 1, text_len, 1); query: (batch, heads, text_len, head_dim);
+    key: (batch, kv_heads, image_tokens, head_dim).
+    """
+
+    states: torch.Tensor
+    mask: torch.Tensor
+    row_visible: torch.Tensor
+    query: torch.Tensor | None = None
+    key: torch.Tensor | None = None
+
+
+def _last_row_attention(
+    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """(batch, heads, image_tokens) attention of each sample's last text row that sees an image."""
+    last = (torch.arange(rows.shape[1], device=rows.device) * rows).argmax(dim=1)  # (batch,)
+    query_last = query.gather(2, last[:, None, None, None].expand(-1, query.shape[1], 1, query.shape[3]))
+    mask_last = mask.gather(2, last[:, None, None, None].expand(-1, 1, 1, mask.shape[3]))
+    return head_attention(query_last, key, mask_last, rows.any(dim=1, keepdim=True), scaling)
+
+
+class MllamaAdapter(Adapter):
+    """Trims the image features of every cross-attention layer after the first one."""
+
+    model_classes = ("MllamaForConditionalGeneration", "MllamaModel")
+
+    def __init__(self, model: nn.Module, method: SelectionMethod, trim_scoring_layer: bool = False) -> None:
+        super().__init__(model)
+        self.method = method
+        self.trim_scoring_layer = trim_scoring_layer
+        self.core: MllamaModel = model.model if isinstance(model, MllamaForConditionalGeneration) else model
+        text_model = self.core.language_model
+        cross_layers = sorted(int(index) for index in text_model.cross_attention_layers)
+        if len(cross_layers) < 2:
+            raise UnsupportedModelError(
+                f"trimming needs at least 2 cross-attention layers (one scores, the others are trimmed); "
+                f"this model has {len(cross_layers)}"
+            )
+        self.scoring_index, self.trimmed_indices = cross_layers[0], cross_layers[1:]
+        self.scoring_layer = text_model.layers[self.scoring_index]
+        attention = getattr(self.scoring_layer, "cross_attn", None)
+        if not isinstance(attention, MllamaTextCrossAttention):
+            raise UnsupportedModelError(
+                f"decoder layer {self.scoring_index} has no MllamaTextCrossAttention; "
+                "this transformers version's Mllama is not supported (tested: 5.23)"
+            )
+        self.attention = attention
+        self.num_patches = int(self.core.vision_model.num_patches)
+        self._forward_signature = inspect.signature(self.core.forward)
+
+        self.plan: TrimPlan | None = None
+        self._layout: tuple[int, int, int] | None = None
+        self._prefill: _Prefill | None = None
+        self._trimmed_states: torch.Tensor | None = None  # (batch, columns, hidden), prefill only
+        self._step_mask: torch.Tensor | None = None  # (batch, 1, text_len, columns)
+        self._install()
+
+    @classmethod
+    def supports(cls, model: nn.Module) -> bool:
+        return isinstance(model, (MllamaForConditionalGeneration, MllamaModel))
+
+    def _install(self) -> None:
+        text_model = self.core.language_model
+        self._hooks += [
+            self.core.register_forward_pre_hook(self._before_model, with_kwargs=True),
+            text_model.register_forward_hook(self._after_text_model),
+            self.scoring_layer.register_forward_pre_hook(self._before_scoring_layer, with_kwargs=True),
+            self.scoring_layer.register_forward_hook(self._after_scoring_layer, with_kwargs=True),
+            self.attention.q_norm.register_forward_hook(self._capture_query),
+            self.attention.k_norm.register_forward_hook(self._capture_key),
+        ]
+        for index in self.trimmed_indices:
+            layer = text_model.layers[index]
+            self._hooks.append(layer.register_forward_pre_hook(self._before_trimmed_layer, with_kwargs=True))
+
+    def remove(self) -> None:
+        super().remove()
+        self._prefill = self._trimmed_states = self._step_mask = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+
+    def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments
+        has_image = inputs.get("pixel_values") is not None or inputs.get("cross_attention_states") is not None
+        cache = inputs.get("past_key_values")
+        if not has_image:
+            if not _has_cross_cache(cache, self.scoring_index):
+                raise MissingImageError(
+                    "the inputs hold no image (no pixel_values or cross_attention_states, and no cached image); "
+                    "a trimmed model needs at least one image per batch"
+                )
+            return
+        if cache is not None and not isinstance(cache, DynamicCache):
+            raise NotImplementedError(
+                f"trimllama supports DynamicCache only, got {type(cache).__name__} (static cache / torch.compile)"
+            )
+        if cache is not None and any(type(layer).__name__ != "DynamicLayer" for layer in cache.layers):
+            raise NotImplementedError("trimllama supports DynamicCache with dynamic layers only (no static or sliding layers)")
+        tile_mask = inputs.get("cross_attention_mask")
+        if tile_mask is None or tile_mask.dim() != 4:
+            raise ShapeMismatchError(
+                "a trimmed model needs cross_attention_mask of shape (batch, text_len, images, tiles) "
+                f"with the images, got {None if tile_mask is None else tuple(tile_mask.shape)}"
+            )
+        pixel_values = inputs.get("pixel_values")
+        if pixel_values is not None and tuple(pixel_values.shape[:3]) != (tile_mask.shape[0], *tile_mask.shape[2:]):
+            raise ShapeMismatchError(
+                f"pixel_values has (batch, images, tiles) = {tuple(pixel_values.shape[:3])} but cross_attention_mask "
+                f"has {(tile_mask.shape[0], *tile_mask.shape[2:])}"
+            )
+        self._layout = (int(tile_mask.shape[2]), int(tile_mask.shape[3]), self.num_patches)
+
+    def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict):
+        states = kwargs["cross_attention_states"]
+        mask = kwargs["cross_attention_mask"]
+        row_visible = kwargs["full_text_row_masked_out_mask"]
+        if states is not None:
+            # Mllama hands over (batch * images * tiles, patches, hidden); the attention views it per sample.
+            batch, expected = mask.shape[0], self._layout[0] * self._layout[1] * self._layout[2]
+            if states.numel() != batch * expected * states.shape[-1] or mask.shape[-1] != expected:
+                raise ShapeMismatchError(
+                    f"image features of shape {tuple(states.shape)} and a mask over {mask.shape[-1]} columns do not "
+                    f"match batch {batch} x images x tiles x patches {self._layout} = {expected} tokens per sample"
+                )
+            states = states.reshape(batch, expected, states.shape[-1])
+            self._prefill = _Prefill(states=states, mask=mask, row_visible=row_visible)
+            return None
+        if self.plan is None:
+            raise MissingImageError("a decode step reached the trimmed model before any prefill with an image")
+        self._step_mask = self.plan.column_mask(mask, row_visible)
+        if not self.trim_scoring_layer:
+            return None
+        kwargs["cross_attention_mask"] = self._step_mask[..., : self.plan.kept_columns]
+        return args, kwargs
+
+    def _capture_query(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._prefill is not None:
+            self._prefill.query = output  # (batch, heads, text_len, head_dim)
+
+    def _capture_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if self._prefill is not None:
+            self._prefill.key = output  # (batch, kv_heads, image_tokens, head_dim)
+
+    def _after_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        prefill, self._prefill = self._prefill, None
+        if prefill is None:
+            return
+        tokens = self._image_tokens(prefill)
+        keep = self.method.select(tokens)
+        if keep.dtype != torch.bool or keep.shape != tokens.valid.shape:
+            raise ShapeMismatchError(
+                f"{type(self.method).__name__}.select returned {keep.dtype} {tuple(keep.shape)}, "
+                f"expected a bool mask of shape {tuple(tokens.valid.shape)}"
+            )
+        extra = self.method.extra_tokens(tokens, keep)
+        self.plan = TrimPlan.from_keep(keep, prefill.mask, prefill.row_visible, extra)
+        self._trimmed_states = self.plan.gather_states(prefill.states)
+        self._step_mask = self.plan.column_mask(prefill.mask, prefill.row_visible)
+        if self.trim_scoring_layer:
+            self._compact_scoring_cache(kwargs.get("past_key_values"))
+        self.kept = self.plan.kept_indices()
+        self._record_stats(tokens)
+
+    def _before_trimmed_layer(self, module: nn.Module, args: tuple, kwargs: dict):
+        device = args[0].device if args else kwargs["hidden_states"].device
+        if kwargs["cross_attention_states"] is not None:
+            if self._trimmed_states is None:
+                raise ShapeMismatchError("a trimmed layer got image features, but the scoring layer did not run first")
+            kwargs["cross_attention_states"] = self._trimmed_states.to(device)
+        if self._step_mask is not None:
+            kwargs["cross_attention_mask"] = self._step_mask.to(device)
+        return args, kwargs
+
+    def _after_text_model(self, module: nn.Module, args: tuple, output) -> None:
+        if self._trimmed_states is not None:
+            self._measure_cache(getattr(output, "past_key_values", None))
+        self._trimmed_states = self._step_mask = None
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _image_tokens(self, prefill: _Prefill) -> ImageTokens:
+        if prefill.query is None or prefill.key is None:
+            raise ShapeMismatchError("the scoring layer ran without its q_norm/k_norm; unsupported Mllama variant")
+        rows = prefill.row_visible[:, 0, :, 0] > 0  # (batch, text_len)
+        visible = (prefill.mask[:, 0] == 0) & rows[:, :, None]  # (batch, text_len, image_tokens)
+        scaling = float(self.attention.scaling)
+        return ImageTokens(
+            features=prefill.states,
+            valid=visible.any(dim=1),
+            layout=self._layout,
+            attention=partial(head_attention, prefill.query, prefill.key, prefill.mask, rows, scaling),
+            last_row_attention=partial(_last_row_attention, prefill.query, prefill.key, prefill.mask, rows, scaling),
+        )
+
+    def _bytes_per_token(self) -> int:
+        """Cache bytes of one image token in one cross-attention layer (keys + values)."""
+        weight = self.attention.k_proj.weight
+        return 2 * weight.shape[0] * weight.element_size()
+
+    def _compact_scoring_cache(self, cache) -> None:
+        """Keep only the kept columns in the scoring layer's own cache (padding columns zeroed)."""
+        if cache is None:
+            return
+        layer = cache.layers[self.scoring_index]
+        batch, kv_heads, _, head_dim = layer.keys.shape
+        index = self.plan.index.to(layer.keys.device)[:, None, :, None].expand(batch, kv_heads, -1, head_dim)
+        padding = ~self.plan.column_valid.to(layer.keys.device)[:, None, :, None]
+        layer.keys = layer.keys.gather(2, index).masked_fill(padding, 0)
+        layer.values = layer.values.gather(2, index).masked_fill(padding, 0)
+
+    def _record_stats(self, tokens: ImageTokens) -> None:
+        plan = self.plan
+        per_token = self._bytes_per_token()
+        layers_total = 1 + len(self.trimmed_indices)
+        batch, num_tokens = plan.batch_size, plan.num_tokens
+        kept = plan.kept_counts().tolist()
+        extra = plan.extra_counts().tolist()
+        scoring_tokens = kept if self.trim_scoring_layer else [num_tokens] * batch
+        later = len(self.trimmed_indices)
+        self.stats = TrimStats(
+            image_tokens_before=[num_tokens] * batch,
+            image_tokens_valid=tokens.num_valid.tolist(),
+            image_tokens_after=kept,
+            extra_tokens=extra,
+            cross_kv_bytes_before=layers_total * batch * num_tokens * per_token,
+            cross_kv_bytes_after=self._planned_bytes(),
+            sample_cross_kv_bytes_before=[layers_total * num_tokens * per_token] * batch,
+            sample_cross_kv_bytes_after=[
+                (first + later * (k + e)) * per_token for first, k, e in zip(scoring_tokens, kept, extra)
+            ],
+            trimmed_layers=list(self.trimmed_indices),
+        )
+
+    def _planned_bytes(self) -> int:
+        """Bytes the cross-attention cache holds under the plan, batch padding included."""
+        plan = self.plan
+        scoring_columns = plan.kept_columns if self.trim_scoring_layer else plan.num_tokens
+        columns = scoring_columns + len(self.trimmed_indices) * plan.columns
+        return plan.batch_size * columns * self._bytes_per_token()
+
+    def _measure_cache(self, cache) -> None:
+        if cache is None or not hasattr(cache, "layers"):
+            return
+        indices = [self.scoring_index, *self.trimmed_indices]
+        self.stats.cross_kv_bytes_after = sum(
+            cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in indices if i < len(cache.layers)
+        )
+
+
+def _has_cross_cache(cache, layer_index: int) -> bool:
+    """Whether `cache` already holds image keys for the cross-attention layer `layer_index`."""
+    if cache is None or not hasattr(cache, "layers") or layer_index >= len(cache.layers):
+        return False
+    layer = cache.layers[layer_index]
+    return bool(getattr(layer, "is_initialized", False)) and layer.keys is not None and layer.keys.numel() > 0

@@ -1,0 +1,136 @@
+"""The contract between selection methods and model adapters."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+
+from ..errors import InvalidSettingError
+
+
+@dataclass
+class ImageTokens:
+    """Everything a selection method may look at for one prefill of one batch.
+
+    The adapter fills it in; the attention scores are computed only if a method asks for them.
+
+    Attributes:
+        features: (batch, image_tokens, hidden) projected image features, the `cross_attention_states`.
+        valid: (batch, image_tokens) bool, tokens of real tiles that some text row sees.
+            Padding tiles, absent images and tiles no row attends to are False. Never keep them.
+        layout: (images, tiles, patches) of the flattened image-token axis; patch 0 of a tile is its class token.
+        attention: callable `reduce -> (batch, heads, image_tokens)`, the scoring layer's per-head attention
+            of the text rows that see an image, aggregated over rows with `reduce` ("sum" or "max").
+        last_row_attention: callable `() -> (batch, heads, image_tokens)`, attention of each sample's last
+            text row that sees an image.
+    """
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    layout: tuple[int, int, int]
+    attention: Callable[[str], torch.Tensor]
+    last_row_attention: Callable[[], torch.Tensor]
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def num_valid(self) -> torch.Tensor:
+        """(batch,) long, valid tokens per sample."""
+        return self.valid.sum(dim=-1)
+
+    def head_attention(self, reduce: str = "sum") -> torch.Tensor:
+        """(batch, heads, image_tokens) float32, computed once per reduction."""
+        if reduce not in self._cache:
+            self._cache[reduce] = self.attention(reduce)
+        return self._cache[reduce]
+
+    def last_row(self) -> torch.Tensor:
+        """(batch, heads, image_tokens) float32."""
+        if "last" not in self._cache:
+            self._cache["last"] = self.last_row_attention()
+        return self._cache["last"]
+
+    def tiled(self, tensor: torch.Tensor) -> torch.Tensor:
+        """View a (batch, image_tokens, ...) tensor as (batch, images * tiles, patches, ...)."""
+        images, tiles, patches = self.layout
+        return tensor.reshape(tensor.shape[0], images * tiles, patches, *tensor.shape[2:])
+
+
+@dataclass
+class ExtraTokens:
+    """Tokens a method adds after the kept ones for the later cross-attention layers.
+
+    Attributes:
+        features: (batch, extra, hidden) features to project like image tokens.
+        bias: (batch, extra) float added to the column's attention logit; -inf disables the column.
+        source: (batch, extra) long, an image-token index whose mask column says which text rows
+            may see this extra column (e.g. the first token of the tile it stands for).
+    """
+
+    features: torch.Tensor
+    bias: torch.Tensor
+    source: torch.Tensor
+
+
+@dataclass
+class SelectionMethod:
+    """Base of every selection method: a small dataclass with a `select` rule.
+
+    Subclasses set `name` (the registry key) and `description` (one line for `trimllama methods`),
+    validate their settings in `__post_init__`, and implement `select`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def select(self, tokens: ImageTokens) -> torch.Tensor:
+        """Return the (batch, image_tokens) bool keep-mask for this prefill."""
+        raise NotImplementedError
+
+    def extra_tokens(self, tokens: ImageTokens, keep: torch.Tensor) -> ExtraTokens | None:
+        """Extra tokens for the later layers; none by default (see `MergeRemainder`)."""
+        return None
+
+    @property
+    def parameters(self) -> dict:
+        """The method's settings, as given to its constructor."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def label(self) -> str:
+        """Short human-readable label, e.g. `headwise_topk(head_k=0.25)`."""
+        settings = ", ".join(f"{key}={value}" for key, value in self.parameters.items() if value is not None)
+        return f"{self.name}({settings})"
+
+
+def check_count_or_fraction(name: str, value: int | float, allow_zero: bool = False) -> None:
+    """Validate a setting given as an int count (>= 1) or a float fraction in (0, 1]."""
+    low = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidSettingError(f"{name} must be an int count or a float fraction, got {value!r}")
+    if isinstance(value, float):
+        if not (0.0 < value <= 1.0 or (allow_zero and value == 0.0)):
+            raise InvalidSettingError(f"{name}={value} is out of range: a fraction must lie in (0, 1]")
+    elif value < low:
+        raise InvalidSettingError(f"{name}={value} is out of range: a token count must be >= {low}")
+
+
+def check_budget(budget: int | None) -> None:
+    """Validate a fixed per-sample token budget."""
+    if budget is None:
+        return
+    if isinstance(budget, bool) or not isinstance(budget, int):
+        raise InvalidSettingError(f"budget must be an int number of tokens, got {budget!r}")
+    if budget < 1:
+        raise InvalidSettingError(f"budget={budget} is out of range: it must be >= 1 token per sample")
+
+
+def budget_counts(budget: int, tokens: ImageTokens) -> torch.Tensor:
+    """(batch,) long counts for a fixed budget: `budget`, or all non-padding tokens of a smaller sample."""
+    available = tokens.num_valid
+    return torch.minimum(torch.full_like(available, budget), available)

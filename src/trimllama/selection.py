@@ -1,0 +1,167 @@
+"""What to keep: pure tensor functions, scores in, boolean keep-masks out.
+
+Shapes use these names:
+    batch        samples in the batch
+    heads        query heads of the scoring cross-attention layer
+    kv_heads     key/value heads (GQA: heads = kv_heads * groups)
+    text_len     text positions of the prefill
+    image_tokens flattened image-token axis of one sample: images x tiles x patches
+
+None of these functions knows about a model; they are unit-tested on random tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ROW_CHUNK = 256  # text rows scored at once, bounds the (batch, heads, rows, image_tokens) buffer
+
+
+def head_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    scaling: float,
+    reduce: str = "sum",
+) -> torch.Tensor:
+    """Per-head attention of the text rows over the image tokens, aggregated over rows.
+
+    Args:
+        query: (batch, heads, text_len, head_dim), after q_norm.
+        key: (batch, kv_heads, image_tokens, head_dim), after k_norm.
+        mask: (batch, 1, text_len, image_tokens) additive cross-attention mask.
+        rows: (batch, text_len) bool, the rows that take part (rows that see an image).
+        scaling: softmax scale of the layer (head_dim ** -0.5).
+        reduce: "sum" (total attention mass a token receives) or "max" (its peak over rows).
+
+    Returns:
+        (batch, heads, image_tokens) float32 scores; 0 for samples without any row.
+    """
+    batch, heads, text_len, head_dim = query.shape
+    kv_heads, image_tokens = key.shape[1], key.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    groups = heads // kv_heads
+    key = key.float().unsqueeze(2)  # (batch, kv_heads, 1, image_tokens, head_dim)
+    scores = query.new_zeros((batch, heads, image_tokens), dtype=torch.float32)
+    for start in range(0, text_len, ROW_CHUNK):
+        stop = min(start + ROW_CHUNK, text_len)
+        chunk_rows = rows[:, start:stop]
+        if not chunk_rows.any():
+            continue
+        q = query[:, :, start:stop].float().view(batch, kv_heads, groups, stop - start, head_dim)
+        logits = torch.matmul(q, key.transpose(-1, -2)).view(batch, heads, stop - start, image_tokens)
+        logits = logits * scaling + mask[:, :, start:stop].float()
+        probs = logits.softmax(dim=-1) * chunk_rows[:, None, :, None]
+        if reduce == "sum":
+            scores += probs.sum(dim=2)
+        elif reduce == "max":
+            scores = torch.maximum(scores, probs.amax(dim=2))
+        else:
+            raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    return scores
+
+
+def counts_from_setting(setting: int | float, available: torch.Tensor) -> torch.Tensor:
+    """Turn an int count or a fraction into a per-sample count, clipped to what is available.
+
+    Args:
+        setting: an int >= 0 (tokens) or a float in [0, 1] (fraction of `available`).
+        available: (batch,) long, tokens that may be chosen per sample.
+
+    Returns:
+        (batch,) long counts; a fraction rounds to nearest and keeps at least one token
+        when the fraction is positive and the sample has any token.
+    """
+    if isinstance(setting, float):
+        counts = torch.round(available.double() * setting).long()
+        if setting > 0:
+            counts = torch.maximum(counts, (available > 0).long())
+    else:
+        counts = torch.full_like(available, int(setting))
+    return torch.minimum(counts, available)
+
+
+def top_count(priority: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Keep the `counts[b]` valid tokens of highest priority in each row.
+
+    Args:
+        priority: (..., image_tokens) float, higher is kept first.
+        counts: (...) long, how many to keep per row (at most the row's valid count).
+        valid: (..., image_tokens) bool, tokens that may be kept.
+
+    Returns:
+        (..., image_tokens) bool keep-mask with exactly `min(counts, valid.sum(-1))` True per row.
+    """
+    masked = priority.float().masked_fill(~valid, float("-inf"))
+    order = masked.argsort(dim=-1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return (rank < counts.unsqueeze(-1)) & valid
+
+
+def headwise_union(head_scores: torch.Tensor, counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """The paper's rule: each head keeps its top-`counts` tokens, the result is the union over heads.
+
+    Args:
+        head_scores: (batch, heads, image_tokens).
+        counts: (batch,) long per-head count.
+        valid: (batch, image_tokens) bool.
+
+    Returns:
+        (batch, image_tokens) bool.
+    """
+    heads = head_scores.shape[1]
+    per_head = top_count(head_scores, counts[:, None].expand(-1, heads), valid[:, None].expand(-1, heads, -1))
+    return per_head.any(dim=1)
+
+
+def fill_to_budget(preferred: torch.Tensor, scores: torch.Tensor, budget: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Exactly `budget` tokens per sample: the preferred set first, each part ordered by `scores`.
+
+    If the preferred set is larger than the budget its best-scored tokens are kept; if smaller, the
+    best-scored other valid tokens fill it up.
+
+    Args:
+        preferred: (batch, image_tokens) bool, e.g. the head-wise union.
+        scores: (batch, image_tokens) aggregated scores (any scale, finite).
+        budget: (batch,) long.
+        valid: (batch, image_tokens) bool.
+    """
+    scale = scores.float().abs().amax(dim=-1, keepdim=True).clamp_min(1e-30)
+    priority = scores.float() / scale + 2.0 * preferred.float()  # normalised scores lie in [-1, 1]
+    return top_count(priority, budget, valid)
+
+
+def random_keep(counts: torch.Tensor, valid: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A uniformly random subset of `counts[b]` valid tokens per sample.
+
+    Args:
+        counts: (batch,) long.
+        valid: (batch, image_tokens) bool.
+        generator: a seeded CPU generator, so a run is reproducible.
+    """
+    noise = torch.rand(valid.shape, generator=generator).to(valid.device)
+    return top_count(noise, counts, valid)
+
+
+def keep_to_index(keep: torch.Tensor, min_columns: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack a keep-mask into sorted, right-padded gather indices.
+
+    Args:
+        keep: (batch, image_tokens) bool.
+        min_columns: at least this many columns (at least 1, so a layer never gets zero keys).
+
+    Returns:
+        index: (batch, columns) long, kept token indices in ascending order, then padding.
+        column_valid: (batch, columns) bool, False on padding columns.
+        `columns` is the largest kept count in the batch, or `min_columns` if larger.
+    """
+    counts = keep.sum(dim=-1)
+    columns = max(int(counts.max()) if keep.numel() else 0, min_columns, 1)
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)[:, :columns]
+    if order.shape[-1] < columns:  # fewer image tokens than one column
+        order = torch.nn.functional.pad(order, (0, columns - order.shape[-1]))
+    column_valid = torch.arange(columns, device=keep.device)[None, :] < counts[:, None]
+    return order, column_valid
