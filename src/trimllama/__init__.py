@@ -16,7 +16,18 @@ from .errors import (
     UnsupportedModelError,
 )
 from .handle import TrimHandle, trim
-from .methods import METHODS, ExtraTokens, Floor, HeadwiseTopK, ImageTokens, KeepAll, RandomSelect, SelectionMethod, get_method
+from .methods import (
+    METHODS,
+    ExtraTokens,
+    Floor,
+    HeadwiseTopK,
+    ImageTokens,
+    KeepAll,
+    MergeRemainder,
+    RandomSelect,
+    SelectionMethod,
+    get_method,
+)
 
 __version__ = "0.1.0"
 
@@ -28,6 +39,7 @@ __all__ = [
     "ImageTokens",
     "InvalidSettingError",
     "KeepAll",
+    "MergeRemainder",
     "MissingImageError",
     "RandomSelect",
     "SelectionMethod",

@@ -4,19 +4,25 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from ..errors import TrimllamaError
-
-# subcommand name -> module in this package that defines `register(subparsers)` and `run(args) -> int`
-SUBCOMMANDS = {
-    "demo": "demo",
-    "methods": "methods",
-}
+from .options import CommandError
 
 
-class CommandError(Exception):
-    """A bad input the CLI reports as one line on stderr with a non-zero exit."""
+
+def subcommand_modules() -> list:
+    """Every module of this package that defines `register(subparsers)` and `run(args) -> int`.
+
+    Adding a subcommand is adding a module here; no list to edit.
+    """
+    modules = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        if hasattr(module, "register") and hasattr(module, "run"):
+            modules.append(module)
+    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trim the cross-attended image features of Llama-3.2-Vision (HF Mllama) without training.",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, module_name in SUBCOMMANDS.items():
-        module = importlib.import_module(f"{__name__}.{module_name}")
+    for module in subcommand_modules():
         sub = module.register(subparsers)
         sub.set_defaults(run=module.run)
     return parser

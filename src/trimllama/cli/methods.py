@@ -19,12 +19,17 @@ def describe() -> list[dict]:
     """One record per registered method: name, class, description, parameters with defaults."""
     records = []
     for name, cls in METHODS.items():
-        parameters = {
-            field.name: (None if field.default is dataclasses.MISSING else field.default)
-            for field in dataclasses.fields(cls)
-        }
+        parameters = {field.name: _default(field) for field in dataclasses.fields(cls)}
         records.append(dict(name=name, cls=cls.__name__, description=cls.description, parameters=parameters))
     return records
+
+
+def _default(field: dataclasses.Field):
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
 
 
 def run(args: argparse.Namespace) -> int:

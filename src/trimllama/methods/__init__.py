@@ -11,6 +11,7 @@ from .base import ExtraTokens, ImageTokens, SelectionMethod
 from .floor import Floor
 from .headwise import HeadwiseTopK
 from .keep_all import KeepAll
+from .merge_remainder import MergeRemainder
 from .random_select import RandomSelect
 
 _REGISTERED: list[type[SelectionMethod]] = [
@@ -18,6 +19,7 @@ _REGISTERED: list[type[SelectionMethod]] = [
     KeepAll,
     RandomSelect,
     Floor,
+    MergeRemainder,
 ]
 
 
@@ -72,6 +74,7 @@ __all__ = [
     "HeadwiseTopK",
     "ImageTokens",
     "KeepAll",
+    "MergeRemainder",
     "RandomSelect",
     "SelectionMethod",
     "get_method",
