@@ -165,3 +165,52 @@ def keep_to_index(keep: torch.Tensor, min_columns: int = 1) -> tuple[torch.Tenso
         order = torch.nn.functional.pad(order, (0, columns - order.shape[-1]))
     column_valid = torch.arange(columns, device=keep.device)[None, :] < counts[:, None]
     return order, column_valid
+
+
+def evenly_spaced(counts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`counts[b]` valid tokens per sample at evenly spaced ranks along the token axis (a spatial stride).
+
+    Args:
+        counts: (batch,) long.
+        valid: (batch, image_tokens) bool.
+    """
+    available = valid.sum(dim=-1, keepdim=True).double()  # (batch, 1)
+    rank = valid.long().cumsum(dim=-1) - 1  # rank of each valid token among the valid ones
+    wanted = counts[:, None].double()
+    # token of rank r is kept when floor(r * wanted / available) steps to a new value: exactly `wanted` tokens
+    step = torch.floor(rank.double() * wanted / available.clamp_min(1))
+    previous = torch.floor((rank.double() - 1) * wanted / available.clamp_min(1))
+    return valid & ((rank == 0) | (step != previous)) & (wanted > 0)
+
+
+def per_tile_top(scores: torch.Tensor, setting: int | float, valid: torch.Tensor, patches: int) -> torch.Tensor:
+    """Every tile keeps its own share: `setting` (fraction or count) of its valid tokens, by score.
+
+    Args:
+        scores: (batch, image_tokens).
+        setting: fraction of each tile's valid tokens, or a count per tile.
+        valid: (batch, image_tokens) bool.
+        patches: tokens per tile.
+    """
+    batch, tokens = valid.shape
+    tiled_valid = valid.view(batch, tokens // patches, patches)
+    counts = counts_from_setting(setting, tiled_valid.sum(dim=-1).flatten()).view(batch, -1)
+    keep = top_count(scores.view(batch, -1, patches), counts, tiled_valid)
+    return keep.view(batch, tokens)
+
+
+def mass_threshold(head_scores: torch.Tensor, mass: float, valid: torch.Tensor) -> torch.Tensor:
+    """Each head keeps the smallest set of tokens holding `mass` of its attention; union over heads.
+
+    Args:
+        head_scores: (batch, heads, image_tokens), non-negative.
+        mass: in (0, 1].
+        valid: (batch, image_tokens) bool.
+    """
+    scores = head_scores.float().masked_fill(~valid[:, None], 0)
+    total = scores.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+    ordered, order = (scores / total).sort(dim=-1, descending=True, stable=True)
+    before = ordered.cumsum(dim=-1) - ordered  # mass of the better tokens
+    keep_sorted = before < mass  # a token is needed while the mass before it falls short
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    return keep.any(dim=1) & valid

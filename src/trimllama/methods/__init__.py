@@ -7,12 +7,19 @@ Lookups ignore case, `_` and `-`, and accept the class name too (`"HeadwiseTopK"
 from __future__ import annotations
 
 from ..errors import UnknownMethodError
+from .attention_mass import AttentionMass
 from .base import ExtraTokens, ImageTokens, SelectionMethod
+from .class_token import ClassTokenAttention
+from .feature_norm import FeatureNorm
 from .floor import Floor
 from .headwise import HeadwiseTopK
 from .keep_all import KeepAll
+from .last_token import LastTokenAttention
+from .mean_heads import MeanHeadsTopK
 from .merge_remainder import MergeRemainder
 from .random_select import RandomSelect
+from .tile_balanced import TileBalanced
+from .uniform_stride import UniformStride
 
 _REGISTERED: list[type[SelectionMethod]] = [
     HeadwiseTopK,
@@ -20,6 +27,13 @@ _REGISTERED: list[type[SelectionMethod]] = [
     RandomSelect,
     Floor,
     MergeRemainder,
+    UniformStride,
+    TileBalanced,
+    MeanHeadsTopK,
+    LastTokenAttention,
+    ClassTokenAttention,
+    FeatureNorm,
+    AttentionMass,
 ]
 
 
@@ -69,6 +83,13 @@ def get_method(method: str | SelectionMethod, **settings) -> SelectionMethod:
 
 __all__ = [
     "METHODS",
+    "AttentionMass",
+    "ClassTokenAttention",
+    "FeatureNorm",
+    "LastTokenAttention",
+    "MeanHeadsTopK",
+    "TileBalanced",
+    "UniformStride",
     "ExtraTokens",
     "Floor",
     "HeadwiseTopK",

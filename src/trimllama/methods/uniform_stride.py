@@ -1,0 +1,26 @@
+"""Baseline: a uniform spatial stride over the non-padding image tokens, blind to the question."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..selection import counts_from_setting, evenly_spaced
+from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+
+
+@dataclass
+class UniformStride(SelectionMethod):
+    """Keep `ratio` of each sample's non-padding tokens, evenly spaced along the token axis."""
+
+    name = "uniform_stride"
+    description = "baseline: evenly spaced tokens (a spatial stride), independent of the question"
+
+    ratio: int | float = 0.25
+
+    def __post_init__(self) -> None:
+        check_count_or_fraction("ratio", self.ratio)
+
+    def select(self, tokens: ImageTokens) -> torch.Tensor:
+        return evenly_spaced(counts_from_setting(self.ratio, tokens.num_valid), tokens.valid)
