@@ -1,0 +1,111 @@
+"""`trimllama eval`: accuracy against kept tokens on the testbed's held-out questions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from ..errors import TrimllamaError
+from .options import CommandError, add_model_options, load_model
+
+DEFAULT_METHODS = "headwise_topk,random,uniform_stride,tile_balanced,mean_heads_topk,last_token,class_token,feature_norm,attention_mass"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "eval",
+        help="accuracy vs kept image tokens for selection methods on the testbed's held-out questions",
+        description="Evaluates every method at every setting on a fixed held-out question set (generated from "
+        "--seed), with the untrimmed model and the floor (later cross-attention layers see no image token) as "
+        "references. Writes JSON (method, parameter, mean kept fraction, accuracy overall and per question type) "
+        "and a PNG (accuracy against kept fraction, one panel per question type).",
+    )
+    add_model_options(parser)
+    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated registered method names")
+    parser.add_argument(
+        "--settings",
+        default="0.02,0.05,0.1,0.25",
+        help="comma-separated values of each method's first setting (head_k / ratio / mass); default 0.02,0.05,0.1,0.25",
+    )
+    parser.add_argument("--merge-remainder", action="store_true", help="also evaluate each arm with MergeRemainder")
+    parser.add_argument("--no-matched-random", action="store_true", help="skip the count-matched random arms")
+    parser.add_argument("--questions", type=int, default=1000, help="held-out questions (default 1000)")
+    parser.add_argument("--seed", type=int, default=2024, help="seed of the held-out set (default 2024)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shuffle-images", action="store_true", help="control: permute images within each batch")
+    parser.add_argument("--out", default="results/eval", help="output prefix: writes OUT.json and OUT.png")
+    parser.add_argument("--json", action="store_true", help="print the JSON record to stdout, no progress")
+    return parser
+
+
+def _parse_settings(text: str) -> list[float | int]:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        try:
+            values.append(float(item) if any(c in item for c in ".eE") else int(item))
+        except ValueError:
+            raise CommandError(f"--settings: {item!r} is not a number") from None
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluate import answer_questions, build_arms, plot, score, uninformative_types, write_json
+    from ..testbed import answer_matches, build_prompt, make_questions
+
+    if args.questions < 1 or args.batch_size < 1:
+        raise CommandError("--questions and --batch-size must be at least 1")
+    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    try:
+        arms = build_arms(methods, _parse_settings(args.settings), args.merge_remainder, not args.no_matched_random)
+    except (TrimllamaError, ValueError) as error:
+        raise CommandError(str(error)) from None
+    model, processor, _ = load_model(args)
+    questions = make_questions(args.questions, seed=args.seed)
+    show_progress = sys.stderr.isatty() and not args.json
+    results = []
+    started = time.perf_counter()
+    for arm in arms:
+        bar = _progress(f"{arm.curve} {arm.parameter if arm.parameter is not None else ''}", len(questions), show_progress)
+        answers, kept, extra = answer_questions(
+            model, processor, questions, arm.method, build_prompt, args.batch_size,
+            shuffle_images=args.shuffle_images, progress=bar.update if bar else None,
+        )
+        if bar:
+            bar.close()
+        results.append(score(arm, questions, answers, kept, extra, answer_matches))
+    meta = dict(
+        model=args.model or "testbed", questions=len(questions), seed=args.seed,
+        shuffle_images=args.shuffle_images, seconds=round(time.perf_counter() - started, 1),
+    )
+    out = Path(args.out)
+    write_json(results, out.with_suffix(".json"), meta)
+    plot(results, out.with_suffix(".png"), title=f"testbed, {len(questions)} held-out questions")
+    if args.json:
+        print(out.with_suffix(".json").read_text())
+        return 0
+    _print_table(results)
+    close = uninformative_types(results)
+    if close:
+        print(f"floor within 20 points of untrimmed (cannot tell methods apart): {', '.join(close)}")
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
+    return 0
+
+
+def _progress(label: str, total: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=label, leave=False, file=sys.stderr)
+
+
+def _print_table(results) -> None:
+    types = list(results[0].per_type)
+    print(f"{'curve':<36} {'setting':>8} {'kept':>6} {'all':>6} " + " ".join(f"{t:>8}" for t in types))
+    for r in results:
+        setting = "" if r.parameter is None else f"{r.parameter:g}"
+        cells = " ".join(f"{r.per_type[t]:>8.3f}" for t in types)
+        print(f"{r.curve:<36} {setting:>8} {r.kept_fraction:>6.3f} {r.accuracy:>6.3f} {cells}")
