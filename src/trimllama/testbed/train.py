@@ -1,0 +1,281 @@
+"""Train the fidelity testbed from scratch on CPU.
+
+    PYTHONPATH=src python -m trimllama.testbed.train --out src/trimllama/testbed/checkpoint \
+        [--steps N] [--resume] [--work-dir /tmp/trimllama_testbed_train]
+
+The training state (model + optimizer + step) is saved every ``--save-every`` steps to
+``WORK_DIR/train_state.pt`` (never inside the shipped checkpoint dir) and the log goes to
+``WORK_DIR/train_log.txt``. At every evaluation the best model so far (held-out accuracy,
+per question type) is written to ``--out`` with ``save_pretrained`` (safetensors) together
+with the processor, plus ``training_summary.json``.
+
+Data is generated on the fly; the batch at step ``s`` depends only on (seed, s), so a resumed
+run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import build, data
+
+QTYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 1.6, "relation": 1.3}
+
+
+def make_batch(processor, questions, with_answers: bool):
+    texts = []
+    for q in questions:
+        t = build.PROMPT_TEMPLATE.format(question=q.question)
+        if with_answers:
+            t = t + " " + q.answer + build.EOS
+        texts.append(t)
+    processor.tokenizer.padding_side = "left"
+    enc = processor(images=[[q.image] for q in questions], text=texts, return_tensors="pt", padding=True)
+    return enc
+
+
+@torch.no_grad()
+def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False):
+    """Greedy accuracy per question type. ``shuffle_images`` rolls the images across the batch."""
+    from . import answer_matches
+
+    model.eval()
+    per = {}
+    for i in range(0, len(questions), batch_size):
+        qs = questions[i:i + batch_size]
+        if shuffle_images and len(qs) > 1:
+            imgs = [q.image for q in qs]
+            imgs = imgs[1:] + imgs[:1]
+            qs_in = [data.Question(image=im, question=q.question, answer=q.answer, qtype=q.qtype)
+                     for im, q in zip(imgs, qs)]
+        else:
+            qs_in = qs
+        enc = make_batch(processor, qs_in, with_answers=False)
+        out = model.generate(**enc, max_new_tokens=3, do_sample=False,
+                             pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
+        gen = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for q, g in zip(qs, gen):
+            per.setdefault(q.qtype, []).append(answer_matches(g, q.answer))
+    res = {k: sum(v) / len(v) for k, v in sorted(per.items())}
+    res["overall"] = sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values())
+    model.train()
+    return res
+
+
+def eval_only(args):
+    from collections import Counter
+
+    from . import load_testbed
+
+    torch.set_num_threads(args.threads)
+    model, processor = load_testbed(checkpoint_dir=args.out)
+    qs = data.make_questions(args.eval_n, seed=args.eval_seed)
+    t0 = time.time()
+    real = evaluate(model, processor, qs)
+    t1 = time.time()
+    shuf = evaluate(model, processor, qs, shuffle_images=True)
+    majority = {}
+    for t in data.QUESTION_TYPES:
+        c = Counter(q.answer for q in qs if q.qtype == t)
+        majority[t] = max(c.values()) / sum(c.values())
+    res = {"n": len(qs), "seed": args.eval_seed, "real": real, "shuffled_images": shuf,
+           "majority_answer_rate": majority, "seconds_real": round(t1 - t0, 1)}
+    print(json.dumps(res, indent=1))
+    return res
+
+
+def lr_at(step, total, base, warmup=150, floor=0.05):
+    if step < warmup:
+        return base * (step + 1) / warmup
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True, help="checkpoint dir to write (save_pretrained)")
+    ap.add_argument("--work-dir", default="/tmp/trimllama_testbed_train")
+    ap.add_argument("--steps", type=int, default=4000)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-n", type=int, default=200)
+    ap.add_argument("--save-every", type=int, default=100)
+    ap.add_argument("--aux-start", type=float, default=1.0)
+    ap.add_argument("--aux-end", type=float, default=0.1)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
+    ap.add_argument("--profile", action="store_true", help="print timings of the first steps")
+    ap.add_argument("--eval-only", action="store_true",
+                    help="evaluate the checkpoint in --out on --eval-n fresh questions (--eval-seed), "
+                         "with real and with shuffled images, and exit")
+    ap.add_argument("--eval-seed", type=int, default=31_337)
+    args = ap.parse_args(argv)
+    if args.eval_only:
+        return eval_only(args)
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    state_path = work / "train_state.pt"
+    log_path = work / "train_log.txt"
+    out_dir = Path(args.out)
+
+    def log(msg):
+        line = time.strftime("%H:%M:%S ") + msg
+        print(line, flush=True)
+        with open(log_path, "a") as f:
+            f.write(line + "\n")
+
+    processor = build.make_processor()
+    config = build.make_config()
+    model = build.new_model(config, gate_init=1.0, seed=args.seed)
+    hid = config.text_config.hidden_size
+    aux_head = torch.nn.Linear(hid, 1 + len(data.COLOR_NAMES) + 1 + len(data.SHAPES))
+    params = list(model.parameters()) + list(aux_head.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    step = 0
+    best = None
+    history = []
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(st["model"])
+        aux_head.load_state_dict(st["aux_head"])
+        opt.load_state_dict(st["opt"])
+        step = st["step"]
+        best = st.get("best")
+        history = st.get("history", [])
+        log(f"resumed from {state_path} at step {step}")
+    else:
+        log(f"new run: {vars(args)}")
+        log(f"params: {sum(p.numel() for p in model.parameters())}")
+
+    captured = {}
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda m, i, o: captured.__setitem__("proj", o))
+
+    eval_qs = data.make_questions(args.eval_n, seed=10_000_019)
+    qtypes = data.QUESTION_TYPES
+    weights = tuple(QTYPE_WEIGHTS[t] for t in qtypes)
+    n_col = 1 + len(data.COLOR_NAMES)
+
+    def save_state():
+        tmp = state_path.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
+                    "step": step, "best": best, "history": history, "args": vars(args)}, tmp)
+        os.replace(tmp, state_path)
+
+    def do_eval():
+        nonlocal best
+        t0 = time.time()
+        res = evaluate(model, processor, eval_qs)
+        score = (res["overall"], min(v for k, v in res.items() if k != "overall"))
+        history.append({"step": step, **res})
+        log(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items())
+            + f" ({time.time() - t0:.1f}s)")
+        if best is None or score >= tuple(best["score"]):
+            best = {"step": step, "score": list(score), "res": res}
+            build.save_all(model, processor, out_dir)
+            with open(out_dir / "training_summary.json", "w") as f:
+                json.dump({"best_step": step, "heldout_accuracy_200": res, "args": vars(args),
+                           "note": "held-out accuracy during training on 200 questions (seed 10000019)"},
+                          f, indent=1)
+            log(f"saved best model to {out_dir}")
+
+    model.train()
+    t_start = time.time()
+    t_log = time.time()
+    run_loss = run_aux = 0.0
+    n_run = 0
+    # The 2 cores may be shared with other jobs; 2 OpenMP threads then slow down a lot (each
+    # parallel region waits for the descheduled thread). Every 200 steps, time 10 steps with 1
+    # thread and 10 with 2, and keep the faster setting (only when --threads is 2 or more).
+    cur_threads = args.threads
+    probe = {}
+
+    while step < args.steps:
+        if args.threads > 1:
+            phase = step % 200
+            if phase == 0:
+                probe = {}
+                cur_threads = 1
+            elif phase == 10:
+                cur_threads = args.threads
+            elif phase == 20 and len(probe) == 2:
+                cur_threads = min(probe, key=lambda k: sum(probe[k]) / len(probe[k]))
+                log(f"threads probe: " + " ".join(f"{k}: {sum(v) / len(v):.2f}s/step" for k, v in probe.items())
+                    + f" -> using {cur_threads}")
+            torch.set_num_threads(cur_threads)
+        t0 = time.time()
+        rng = random.Random(args.seed * 1_000_003 + step)
+        qs = [data.make_question(rng, rng.choices(qtypes, weights=weights)[0]) for _ in range(args.batch_size)]
+        enc = make_batch(processor, qs, with_answers=True)
+        labels_c, labels_s = zip(*(data.patch_labels(q) for q in qs))
+        lc = torch.from_numpy(__import__("numpy").stack(labels_c))
+        ls = torch.from_numpy(__import__("numpy").stack(labels_s))
+        t1 = time.time()
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr)
+        out = model(**enc, use_cache=False, logits_to_keep=3)
+        logits = out.logits  # (B, 3, V): predict answer at -3, EOS at -2
+        ids = enc["input_ids"]
+        tgt = ids[:, -2:]
+        loss = F.cross_entropy(logits[:, :2].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
+        proj = captured["proj"]  # (B, 1, tiles, patches, hid)
+        aux_logits = aux_head(proj[:, 0])
+        aux = F.cross_entropy(aux_logits[..., :n_col].reshape(-1, n_col), lc.reshape(-1), ignore_index=-100) \
+            + F.cross_entropy(aux_logits[..., n_col:].reshape(-1, aux_logits.shape[-1] - n_col), ls.reshape(-1),
+                              ignore_index=-100)
+        frac = min(1.0, step / (0.5 * args.steps))
+        w_aux = args.aux_start + (args.aux_end - args.aux_start) * frac
+        total = loss + w_aux * aux
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        t2 = time.time()
+        if args.threads > 1 and (step - 1) % 200 < 20 and (step - 1) % 10 >= 2:  # skip warm-up steps
+            probe.setdefault(cur_threads, []).append(t2 - t0)
+        if args.profile and step <= 5:
+            log(f"step {step}: data {t1 - t0:.2f}s, fwd/bwd {t2 - t1:.2f}s, loss {loss.item():.3f} aux {aux.item():.3f}")
+        run_loss += loss.item()
+        run_aux += aux.item()
+        n_run += 1
+        if step % 50 == 0:
+            log(f"step {step} loss {run_loss / n_run:.4f} aux {run_aux / n_run:.4f} lr {opt.param_groups[0]['lr']:.2e} "
+                f"{(time.time() - t_log) / n_run:.2f}s/step elapsed {(time.time() - t_start) / 60:.1f}min")
+            run_loss = run_aux = 0.0
+            n_run = 0
+            t_log = time.time()
+        if step % args.eval_every == 0 or step == args.steps:
+            do_eval()
+        if step % args.save_every == 0 or step == args.steps:
+            save_state()
+        if args.time_limit and (time.time() - t_start) > args.time_limit * 60:
+            log(f"time limit reached at step {step}")
+            if step % args.eval_every:
+                do_eval()
+            save_state()
+            break
+    hook.remove()
+    log(f"done at step {step}; best {best}")
+
+
+if __name__ == "__main__":
+    main()
