@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, TrimllamaError, NotImplementedError) as error:
         print(f"trimllama {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `trimllama generate --json | head -c 100`
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print(f"trimllama {args.command}: interrupted", file=sys.stderr)
         return 130

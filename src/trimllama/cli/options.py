@@ -120,7 +120,7 @@ def method_from_args(args: argparse.Namespace) -> SelectionMethod | None:
     try:
         method = get_method(cls, **settings)
         if args.merge_remainder:
-            method = get_method("merge_remainder", method=method)
+            method = METHODS["merge_remainder"](method=method)
     except TrimllamaError as error:
         raise CommandError(str(error)) from None
     return method

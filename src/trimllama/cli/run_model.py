@@ -1,0 +1,310 @@
+"""Shared by `generate` and `show`: images + prompt -> model inputs -> (trimmed) generation -> stats.
+
+Not a subcommand (no `register`). One prompt, one sample: every `--image` goes into that sample.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..adapters import TrimStats
+from ..handle import trim
+from ..methods import SelectionMethod
+from .options import CommandError, default_model, load_image, load_model, method_from_args, resolve_device
+
+
+def add_prompt_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("input")
+    group.add_argument(
+        "--image", action="append", required=True, metavar="FILE", help="image file (repeatable: several images, one prompt)"
+    )
+    group.add_argument("--prompt", required=True, help="the question or instruction about the image(s)")
+    group.add_argument(
+        "--max-new-tokens", type=int, default=32, metavar="N", help="most tokens to generate (default 32)"
+    )
+    group.add_argument(
+        "--chat-template",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="wrap the prompt in the processor's chat template; auto: on for Instruct models that ship one. "
+        "The testbed checkpoint always gets the prompt format it was trained on",
+    )
+    group.add_argument("--json", action="store_true", help="print one JSON record instead of text; no progress bars")
+
+
+@dataclass
+class Generation:
+    """One prompt answered by the (trimmed) model.
+
+    Attributes:
+        answer: the generated text, special tokens removed.
+        inputs: the processor's CPU tensors for the one sample (pixel_values (1, images, tiles, C, H, W), ...).
+        processor: the processor that made them.
+        kept: 1-D LongTensor, kept indices into the sample's flattened image-token axis (images x tiles x patches).
+        stats: what the prefill kept and what the cross-attention cache held.
+        method: the selection method, None for `--method none`.
+        num_patches: image tokens per tile (patch 0 is the class token).
+        prompt_tokens, new_tokens: text lengths; seconds: wall time of `generate` (prefill and decode).
+    """
+
+    answer: str
+    inputs: dict
+    processor: object
+    kept: torch.Tensor
+    stats: TrimStats
+    method: SelectionMethod | None
+    num_patches: int
+    model: str
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+
+    @property
+    def kept_fraction(self) -> float:
+        return 1.0 if self.method is None else self.stats.kept_fraction[0]
+
+    def record(self) -> dict:
+        """JSON-ready summary (the `--json` output of `generate`)."""
+        stats = self.stats
+        return dict(
+            answer=self.answer,
+            model=self.model,
+            method=method_record(self.method),
+            image_tokens_before=stats.image_tokens_before[0],
+            image_tokens_valid=stats.image_tokens_valid[0],
+            image_tokens_after=stats.image_tokens_after[0],
+            extra_tokens=stats.extra_tokens[0],
+            kept_fraction=self.kept_fraction,
+            cross_kv_bytes_before=stats.cross_kv_bytes_before,
+            cross_kv_bytes_after=stats.cross_kv_bytes_after,
+            cross_kv_bytes_saved=stats.cross_kv_bytes_saved,
+            trimmed_layers=stats.trimmed_layers,
+            prompt_tokens=self.prompt_tokens,
+            new_tokens=self.new_tokens,
+            seconds=round(self.seconds, 4),
+        )
+
+    def summary(self) -> str:
+        """One line: image tokens before -> after, cross-attention KV before -> after, time."""
+        stats = self.stats
+        before, valid, after = stats.image_tokens_before[0], stats.image_tokens_valid[0], stats.image_tokens_after[0]
+        tokens = f"image tokens {before}" + (f" ({valid} in real tiles)" if valid != before else "")
+        if self.method is None:
+            tokens += f" -> {after} (untrimmed)"
+        else:
+            extra = f" + {stats.extra_tokens[0]} remainder" if stats.extra_tokens[0] else ""
+            of = f" of {valid}" if valid != before else ""
+            tokens += f" -> {after}{extra} ({self.kept_fraction:.1%}{of})"
+        kv = (
+            f"cross-attention KV {_mib(stats.cross_kv_bytes_before)} -> {_mib(stats.cross_kv_bytes_after)} "
+            f"(saved {_mib(stats.cross_kv_bytes_saved)})"
+        )
+        return f"{tokens}, {kv}, {self.seconds:.2f} s"
+
+
+def method_record(method: SelectionMethod | None) -> dict:
+    """{'name', 'label', 'parameters'} of a method (wrapped methods nested), or the untrimmed model's."""
+    if method is None:
+        return dict(name="none", label="none (untrimmed)", parameters={})
+    parameters = {
+        key: method_record(value) if isinstance(value, SelectionMethod) else value
+        for key, value in method.parameters.items()
+    }
+    return dict(name=method.name, label=method.label(), parameters=parameters)
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: stderr is a terminal and no `--json`."""
+    return sys.stderr.isatty() and not getattr(args, "json", False)
+
+
+def run(args: argparse.Namespace) -> Generation:
+    """Check every input, load the model, trim, generate; every bad input is a `CommandError`."""
+    if not args.prompt.strip():
+        raise CommandError("--prompt is empty")
+    if args.max_new_tokens < 1:
+        raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    images = [load_image(path) for path in args.image]
+    method = method_from_args(args)
+    if method is None and args.trim_scoring_layer:
+        raise CommandError("--trim-scoring-layer has no effect with --method none (the untrimmed model)")
+    resolve_device(args.device)
+    _set_library_progress(progress_enabled(args))
+
+    model, processor, device = load_model(args)
+    source = args.model or default_model()
+    inputs = build_inputs(processor, source, images, args.prompt, args.chat_template)
+    num_patches = int(model.model.vision_model.num_patches)
+    check_lengths(model, inputs, args.max_new_tokens)
+    check_settings(method, inputs, num_patches)
+
+    model_inputs = {name: value.to(device) for name, value in inputs.items()}
+    model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model.dtype)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    with torch.no_grad():
+        if method is None:
+            output, seconds = _generate(model, model_inputs, args.max_new_tokens, progress_enabled(args))
+            stats = untrimmed_stats(model, inputs, output.past_key_values, num_patches)
+            kept = valid_token_indices(inputs, num_patches)
+        else:
+            with trim(model, method, trim_scoring_layer=args.trim_scoring_layer) as handle:
+                output, seconds = _generate(model, model_inputs, args.max_new_tokens, progress_enabled(args))
+            stats, kept = handle.stats, handle.kept[0]
+    new_ids = output.sequences[0, prompt_tokens:]
+    return Generation(
+        answer=processor.decode(new_ids, skip_special_tokens=True).strip(),
+        inputs=inputs,
+        processor=processor,
+        kept=kept,
+        stats=stats,
+        method=method,
+        num_patches=num_patches,
+        model=args.model or "testbed",
+        prompt_tokens=prompt_tokens,
+        new_tokens=int(new_ids.shape[0]),
+        seconds=seconds,
+    )
+
+
+def is_testbed(source: str) -> bool:
+    """Whether `source` is the shipped testbed checkpoint directory."""
+    return Path(source).exists() and Path(source).resolve() == Path(default_model()).resolve()
+
+
+def prompt_text(processor, source: str, prompt: str, num_images: int, chat_template: str) -> str:
+    """The text fed to the processor: one `<|image|>` per image, then the prompt in the model's format."""
+    image_token = processor.image_token
+    if is_testbed(source):
+        from ..testbed import build_prompt
+
+        return image_token * (num_images - 1) + build_prompt(processor, prompt)
+    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
+    if chat_template == "on" and template is None:
+        raise CommandError(f"--chat-template on: the processor of {source} has no chat template")
+    if chat_template == "on" or (chat_template == "auto" and template and "instruct" in Path(source).name.lower()):
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return image_token * num_images + processor.bos_token + prompt
+
+
+def build_inputs(processor, source: str, images: list, prompt: str, chat_template: str) -> dict:
+    """The processor's tensors for one sample holding every image: input_ids (1, text_len), pixel_values,
+    aspect_ratio_ids (1, images), aspect_ratio_mask (1, images, tiles), cross_attention_mask, attention_mask."""
+    from transformers.utils import logging
+
+    text = prompt_text(processor, source, prompt, len(images), chat_template)
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # a too long prompt is reported once, by `check_lengths`
+    try:
+        # the text already starts with <|begin_of_text|> (or the processor adds it): no second BOS
+        return dict(processor(images=[images], text=[text], add_special_tokens=False, return_tensors="pt"))
+    except (ValueError, TypeError, OSError) as error:
+        raise CommandError(f"the processor could not prepare the image(s) and prompt: {error}") from None
+    finally:
+        logging.set_verbosity(verbosity)
+
+
+def check_lengths(model, inputs: dict, max_new_tokens: int) -> None:
+    """Refuse a prompt (plus the tokens to generate) longer than the model's position embeddings."""
+    limit = int(model.config.text_config.max_position_embeddings)
+    prompt_tokens = int(inputs["input_ids"].shape[1])
+    if prompt_tokens > limit:
+        raise CommandError(f"prompt too long: {prompt_tokens} tokens, the model takes at most {limit}")
+    if prompt_tokens + max_new_tokens > limit:
+        raise CommandError(
+            f"prompt too long for --max-new-tokens {max_new_tokens}: {prompt_tokens} + {max_new_tokens} tokens "
+            f"exceed the model's {limit} positions; lower --max-new-tokens to {limit - prompt_tokens} or less"
+        )
+
+
+def check_settings(method: SelectionMethod | None, inputs: dict, num_patches: int) -> None:
+    """Refuse a per-head count or budget larger than the image tokens there are to keep."""
+    if method is None:
+        return
+    available = int(inputs["aspect_ratio_mask"].sum()) * num_patches
+    inner = getattr(method, "method", method)  # MergeRemainder wraps the method that selects
+    for name in ("head_k", "budget"):
+        value = getattr(inner, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > available:
+            flag = "--head-k" if name == "head_k" else "--budget"
+            raise CommandError(
+                f"{flag} {value} is out of range: the image(s) have {available} image tokens in real tiles"
+            )
+
+
+def valid_token_indices(inputs: dict, num_patches: int) -> torch.Tensor:
+    """1-D LongTensor: indices of the image tokens of real (non-padding) tiles on the flattened axis."""
+    tile_valid = inputs["aspect_ratio_mask"][0].bool()  # (images, tiles)
+    return torch.nonzero(tile_valid.flatten().repeat_interleave(num_patches)).flatten()
+
+
+def untrimmed_stats(model, inputs: dict, cache, num_patches: int) -> TrimStats:
+    """Stats of an untrimmed run: every image token is cached, bytes read off the cache."""
+    images, tiles = inputs["pixel_values"].shape[1:3]
+    total = int(images * tiles * num_patches)
+    layers = model.config.text_config.cross_attention_layers
+    cached = sum(cache.layers[index].keys.nbytes + cache.layers[index].values.nbytes for index in layers)
+    return TrimStats(
+        image_tokens_before=[total],
+        image_tokens_valid=[int(inputs["aspect_ratio_mask"].sum()) * num_patches],
+        image_tokens_after=[total],
+        extra_tokens=[0],
+        cross_kv_bytes_before=cached,
+        cross_kv_bytes_after=cached,
+        sample_cross_kv_bytes_before=[cached],
+        sample_cross_kv_bytes_after=[cached],
+    )
+
+
+def _generate(model, inputs: dict, max_new_tokens: int, show_progress: bool):
+    """(generate output with `.sequences` and `.past_key_values`, seconds): greedy decoding."""
+    streamer = _TokenProgress(max_new_tokens) if show_progress else None
+    synchronize = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
+    synchronize()
+    start = time.perf_counter()
+    output = model.generate(
+        **inputs, max_new_tokens=max_new_tokens, do_sample=False, return_dict_in_generate=True, streamer=streamer
+    )
+    synchronize()
+    return output, time.perf_counter() - start
+
+
+class _TokenProgress:
+    """A `generate` streamer that advances a tqdm bar by one per generated token."""
+
+    def __init__(self, max_new_tokens: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=max_new_tokens, desc="generating", unit="tok", leave=False)
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.prompt_seen:  # the first call hands over the prompt
+            self.bar.update(1)
+        self.prompt_seen = True
+
+    def end(self) -> None:
+        self.bar.close()
+
+
+def _set_library_progress(enabled: bool) -> None:
+    """Let transformers / huggingface_hub draw their loading and download bars only when `enabled`."""
+    import huggingface_hub.utils
+    import transformers
+
+    if enabled:
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.2f} MiB"

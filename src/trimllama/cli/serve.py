@@ -1,0 +1,110 @@
+"""`trimllama serve`: an OpenAI-style chat completions server with dynamic batching and trimming."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+
+from .options import CommandError, add_method_options, add_model_options, load_model, method_from_args
+
+API_KEY_VARIABLE = "TRIMLLAMA_API_KEY"
+TESTBED_MODEL_NAME = "trimllama-testbed"
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve a (trimmed) Llama-3.2-Vision model over an OpenAI-style HTTP API",
+        description="OpenAI-style server: POST /v1/chat/completions (images as data: URLs, streaming), "
+        "GET /v1/models, /health, /metrics (Prometheus). Requests that arrive within the batch window, or "
+        "while a batch runs, are served together in one batched prefill and decode (request-level batching). "
+        "Per-request trimming: the request body's `trim` object (extra_body={'trim': {...}} in the OpenAI client).",
+    )
+    add_model_options(parser)
+    add_method_options(parser)
+    server = parser.add_argument_group("server")
+    server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
+    server.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    server.add_argument("--served-model-name", default=None, help="model id in the API (default: --model, or trimllama-testbed)")
+    server.add_argument(
+        "--api-key",
+        default=None,
+        help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_VARIABLE} if set)",
+    )
+    server.add_argument("--max-batch-size", type=int, default=8, help="requests served together (default 8)")
+    server.add_argument(
+        "--batch-window-ms", type=float, default=10.0, help="how long a request waits for others to batch with (default 10)"
+    )
+    server.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 503 (default 64)")
+    server.add_argument(
+        "--default-max-tokens", type=int, default=512, help="completion length when a request sets none (default 512)"
+    )
+    limits = parser.add_argument_group("image limits")
+    limits.add_argument("--max-images", type=int, default=2, help="images per request (default 2)")
+    limits.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="bytes per image file (default 10 MiB)")
+    limits.add_argument(
+        "--max-image-pixels", type=int, default=4096 * 4096, help="width x height per image (default 4096 x 4096)"
+    )
+    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve import ImageLimits, ServeConfig, create_app
+    except ImportError as error:
+        raise CommandError(f"serving needs the serve extra ({error.name} is missing): pip install 'trimllama[serve]'")
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port {args.port} is out of range (0-65535)")
+    method = method_from_args(args)
+    if method is None and args.trim_scoring_layer:
+        raise CommandError("--trim-scoring-layer has no effect with --method none (the untrimmed model)")
+    _check_positive(args)
+    config = ServeConfig(
+        model_name=args.served_model_name or args.model or TESTBED_MODEL_NAME,
+        method=method,
+        trim_scoring_layer=args.trim_scoring_layer,
+        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+        max_batch_size=args.max_batch_size,
+        batch_window_ms=args.batch_window_ms,
+        max_queue=args.max_queue,
+        default_max_tokens=args.default_max_tokens,
+        images=ImageLimits(args.max_image_bytes, args.max_image_pixels, args.max_images),
+    )
+    model, processor, device = load_model(args)
+    app = create_app(model, processor, config)
+    if config.api_key is None and not _is_loopback(args.host):
+        print(
+            f"trimllama serve: warning: listening on {args.host} without an API key; anyone who can reach it can use it "
+            f"(set --api-key or ${API_KEY_VARIABLE})",
+            file=sys.stderr,
+        )
+    trimming = method.label() if method is not None else "untrimmed"
+    print(
+        f"trimllama serve: {config.model_name} on {device} ({trimming}; batches of up to {config.max_batch_size}, "
+        f"window {config.batch_window_ms:g} ms) at http://{args.host}:{args.port}/v1",
+        flush=True,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def _check_positive(args: argparse.Namespace) -> None:
+    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_images", "max_image_bytes", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.batch_window_ms < 0:
+        raise CommandError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms:g}")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
