@@ -108,6 +108,16 @@ class SelectionMethod:
         return f"{self.name}({settings})"
 
 
+@dataclass
+class RatioMethod(SelectionMethod):
+    """A method that keeps `ratio` of each sample's non-padding tokens (a fraction, or an int count)."""
+
+    ratio: int | float = 0.25
+
+    def __post_init__(self) -> None:
+        check_count_or_fraction("ratio", self.ratio)
+
+
 def check_count_or_fraction(name: str, value: int | float, allow_zero: bool = False) -> None:
     """Validate a setting given as an int count (>= 1) or a float fraction in (0, 1]."""
     low = 0 if allow_zero else 1

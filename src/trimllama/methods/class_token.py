@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import per_tile_top
-from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+from .base import ImageTokens, RatioMethod
 
 
 @dataclass
-class ClassTokenAttention(SelectionMethod):
+class ClassTokenAttention(RatioMethod):
     """Each tile keeps `ratio` of its tokens ranked by its class token's attention, question-blind.
 
     The score is softmax(cls . patch / sqrt(d)) over the tile, on the projected features the language
@@ -21,11 +21,6 @@ class ClassTokenAttention(SelectionMethod):
 
     name = "class_token"
     description = "baseline (FasterVLM-like): per tile, top-k by the class token's attention over its patches"
-
-    ratio: int | float = 0.25
-
-    def __post_init__(self) -> None:
-        check_count_or_fraction("ratio", self.ratio)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         tiles = tokens.tiled(tokens.features.float())  # (batch, tiles, patches, hidden)

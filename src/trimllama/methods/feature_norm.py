@@ -7,20 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import counts_from_setting, top_count
-from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+from .base import ImageTokens, RatioMethod
 
 
 @dataclass
-class FeatureNorm(SelectionMethod):
+class FeatureNorm(RatioMethod):
     """Keep the `ratio` tokens with the largest feature norm (question-blind)."""
 
     name = "feature_norm"
     description = "baseline: top-k by the L2 norm of the projected image features"
-
-    ratio: int | float = 0.25
-
-    def __post_init__(self) -> None:
-        check_count_or_fraction("ratio", self.ratio)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         scores = tokens.features.float().norm(dim=-1)  # (batch, image_tokens)

@@ -7,20 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import counts_from_setting, top_count
-from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+from .base import ImageTokens, RatioMethod
 
 
 @dataclass
-class LastTokenAttention(SelectionMethod):
+class LastTokenAttention(RatioMethod):
     """Keep the `ratio` tokens most attended by the last prompt token (head-averaged), as FastV ranks."""
 
     name = "last_token"
     description = "baseline (FastV-like): top-k by the last text token's head-averaged attention"
-
-    ratio: int | float = 0.25
-
-    def __post_init__(self) -> None:
-        check_count_or_fraction("ratio", self.ratio)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         scores = tokens.last_row().mean(dim=1)  # (batch, image_tokens)

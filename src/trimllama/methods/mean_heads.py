@@ -7,20 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import counts_from_setting, top_count
-from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+from .base import ImageTokens, RatioMethod
 
 
 @dataclass
-class MeanHeadsTopK(SelectionMethod):
+class MeanHeadsTopK(RatioMethod):
     """Keep the `ratio` most attended tokens of the head-averaged attention (heads do not vote separately)."""
 
     name = "mean_heads_topk"
     description = "ablation: top-k of the head-averaged attention instead of the union of per-head top-k"
-
-    ratio: int | float = 0.25
-
-    def __post_init__(self) -> None:
-        check_count_or_fraction("ratio", self.ratio)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         scores = tokens.head_attention("sum").mean(dim=1)  # (batch, image_tokens)

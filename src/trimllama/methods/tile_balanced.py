@@ -7,20 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import per_tile_top
-from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+from .base import ImageTokens, RatioMethod
 
 
 @dataclass
-class TileBalanced(SelectionMethod):
+class TileBalanced(RatioMethod):
     """Each tile keeps `ratio` of its non-padding tokens by head-summed attention (no tile starves)."""
 
     name = "tile_balanced"
     description = "baseline: per-tile equal budget, tokens ranked by head-summed attention"
-
-    ratio: int | float = 0.25
-
-    def __post_init__(self) -> None:
-        check_count_or_fraction("ratio", self.ratio)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         scores = tokens.head_attention("sum").sum(dim=1)  # (batch, image_tokens)

@@ -7,20 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import counts_from_setting, evenly_spaced
-from .base import ImageTokens, SelectionMethod, check_count_or_fraction
+from .base import ImageTokens, RatioMethod
 
 
 @dataclass
-class UniformStride(SelectionMethod):
+class UniformStride(RatioMethod):
     """Keep `ratio` of each sample's non-padding tokens, evenly spaced along the token axis."""
 
     name = "uniform_stride"
     description = "baseline: evenly spaced tokens (a spatial stride), independent of the question"
-
-    ratio: int | float = 0.25
-
-    def __post_init__(self) -> None:
-        check_count_or_fraction("ratio", self.ratio)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         return evenly_spaced(counts_from_setting(self.ratio, tokens.num_valid), tokens.valid)
