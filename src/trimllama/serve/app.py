@@ -1,0 +1,276 @@
+"""The OpenAI-style HTTP API: `create_app(model, processor, config)` returns a FastAPI app.
+
+    POST /v1/chat/completions   chat completions, streamed (server-sent events) or not
+    GET  /v1/models             the one served model
+    GET  /health                liveness and queue state
+    GET  /metrics               Prometheus text format
+
+The event loop parses, checks and encodes requests (encoding in the thread pool) and streams
+results; generation runs in the batcher's single thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .batcher import Batcher, QueueFullError
+from .batcher import Request as Job
+from .config import ServeConfig
+from .errors import APIError
+from .generation import Engine, RowResult, SamplingParams
+from .metrics import ServeMetrics
+from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
+from .schemas import ChatCompletionRequest, TrimSetting, parse_request, resolve_trim
+
+
+def create_app(model, processor, config: ServeConfig) -> FastAPI:
+    """A FastAPI app serving `model` (a loaded Mllama in eval mode) with `processor`."""
+    engine = Engine(model, processor)
+    metrics = ServeMetrics()
+    batcher = Batcher(engine, config, metrics)
+    default_setting = TrimSetting(config.method, config.trim_scoring_layer)
+    started = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        batcher.stop()
+
+    processor_lock = threading.Lock()  # a fast tokenizer may not be called from two threads at once
+
+    def encode(chat: ChatCompletionRequest) -> EncodedPrompt:
+        """Decode the images, then render and tokenize the prompt (in the thread pool)."""
+        conversation = build_conversation(chat.messages, config.images)
+        with processor_lock:
+            return encode_conversation(processor, conversation)
+
+    def require_api_key(request: Request) -> None:
+        if config.api_key is None:
+            return
+        header = request.headers.get("authorization")
+        challenge = {"WWW-Authenticate": "Bearer"}
+        if not header:
+            raise APIError(
+                401, "missing API key: send the header 'Authorization: Bearer <key>'", code="missing_api_key", headers=challenge
+            )
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise APIError(401, "invalid API key", code="invalid_api_key", headers=challenge)
+
+    app = FastAPI(
+        title="trimllama",
+        lifespan=lifespan,
+        dependencies=[Depends(require_api_key)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.batcher = batcher
+    app.state.metrics = metrics
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, error: APIError) -> JSONResponse:
+        outcome = "rejected" if error.status == 503 else "invalid" if error.status < 500 else "failed"
+        metrics.requests.labels(outcome).inc()
+        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {
+            "status": "ok",
+            "model": config.model_name,
+            "trim": default_setting.label,
+            "queue_depth": batcher.queue_depth,
+            "max_batch_size": config.max_batch_size,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        entry = {"id": config.model_name, "object": "model", "created": started, "owned_by": "trimllama"}
+        return {"object": "list", "data": [entry]}
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        received = time.monotonic()
+        chat = parse_request(await _read_body(request, config.max_body_bytes))
+        if chat.model is not None and chat.model != config.model_name:
+            raise APIError(
+                404,
+                f"model {chat.model!r} is not served here; this server serves {config.model_name!r} (GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+        setting = resolve_trim(chat.trim, default_setting)
+        prompt: EncodedPrompt = await run_in_threadpool(encode, chat)
+        max_tokens = check_prompt_length(
+            prompt.prompt_tokens, chat.requested_max_tokens, engine.context_length, config.default_max_tokens
+        )
+        job = Job(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            prompt=prompt,
+            sampling=_sampling(chat, max_tokens, engine.default_sampling),
+            setting=setting,
+            loop=asyncio.get_running_loop(),
+        )
+        try:
+            batcher.submit(job)
+        except QueueFullError as error:
+            raise APIError(
+                503, f"the server is busy: {error}; retry shortly", code="queue_full", headers={"Retry-After": "1"}
+            ) from None
+        if chat.stream:
+            include_usage = chat.stream_options is not None and chat.stream_options.include_usage
+            return StreamingResponse(
+                _stream(job, include_usage, received),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+                background=BackgroundTask(abandon, job),  # runs also when the stream never started
+            )
+        return await _complete(request, job, received)
+
+    async def _complete(request: Request, job: Job, received: float) -> Response:
+        result_task = asyncio.ensure_future(_final_event(job))
+        disconnect_task = asyncio.ensure_future(_wait_for_disconnect(request))
+        done, _ = await asyncio.wait({result_task, disconnect_task}, return_when=asyncio.FIRST_COMPLETED)
+        if result_task not in done:
+            result_task.cancel()
+            abandon(job)
+            return Response(status_code=499)
+        disconnect_task.cancel()
+        kind, payload = result_task.result()
+        if kind == "error":
+            raise payload
+        metrics.record_result(payload, time.monotonic() - received)
+        body = _completion_body(job, payload, config.model_name)
+        return JSONResponse(body)
+
+    async def _stream(job: Job, include_usage: bool, received: float) -> AsyncIterator[str]:
+        chunk = _chunk_factory(job, config.model_name)
+        try:
+            yield _sse(chunk({"role": "assistant", "content": ""}))
+            while True:
+                kind, payload = await job.events.get()
+                if kind == "delta":
+                    yield _sse(chunk({"content": payload}))
+                    continue
+                if kind == "error":
+                    metrics.requests.labels("failed").inc()
+                    yield _sse(payload.body())
+                    break
+                metrics.record_result(payload, time.monotonic() - received)
+                yield _sse({**chunk({}, payload.finish_reason), "trim": payload.trim.as_dict()})
+                if include_usage:
+                    yield _sse({**chunk({}), "choices": [], "usage": _usage(payload)})
+                break
+            yield "data: [DONE]\n\n"
+        finally:
+            abandon(job)
+
+    def abandon(job: Job) -> None:
+        """The client went away before the answer: cancel the request (once)."""
+        if job.finished or job.cancelled():
+            return
+        batcher.cancel(job)
+        metrics.requests.labels("cancelled").inc()
+
+    return app
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 past `limit` bytes (before reading it when Content-Length says so)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"request body of {declared} bytes exceeds the limit of {limit} bytes", code="request_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise APIError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+    return bytes(body)
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _final_event(job: Job) -> tuple[str, object]:
+    """Skip the deltas; ("done", RowResult) or ("error", APIError)."""
+    while True:
+        kind, payload = await job.events.get()
+        if kind != "delta":
+            return kind, payload
+
+
+def _sampling(chat: ChatCompletionRequest, max_tokens: int, defaults: tuple[float, float]) -> SamplingParams:
+    temperature = float(chat.temperature) if chat.temperature is not None else defaults[0]
+    top_p = float(chat.top_p) if chat.top_p is not None else defaults[1]
+    return SamplingParams(max_tokens, temperature, top_p, chat.seed, tuple(chat.stop_sequences))
+
+
+def _usage(result: RowResult) -> dict:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "total_tokens": result.prompt_tokens + result.completion_tokens,
+    }
+
+
+def _completion_body(job: Job, result: RowResult, model_name: str) -> dict:
+    message = {"role": "assistant", "content": result.text}
+    return {
+        "id": job.id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "system_fingerprint": None,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": result.finish_reason}],
+        "usage": _usage(result),
+        "trim": result.trim.as_dict(),
+    }
+
+
+def _chunk_factory(job: Job, model_name: str):
+    """`chunk(delta, finish_reason=None)` -> one `chat.completion.chunk` object of this request."""
+    created = int(time.time())
+
+    def chunk(delta: dict, finish_reason: str | None = None) -> dict:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "id": job.id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model_name,
+            "system_fingerprint": None,
+            "choices": [choice],
+        }
+
+    return chunk
+
+
+def _sse(data: dict) -> str:
+    return f"data: {json.dumps(data)}\n\n"

@@ -1,0 +1,64 @@
+"""Server settings: what `trimllama serve` options become, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..methods import SelectionMethod
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request may send as images.
+
+    Attributes:
+        max_bytes: decoded bytes of one image file.
+        max_pixels: width x height of one image, checked from its header before any pixel is decoded.
+        max_images: images in one request (all messages together).
+    """
+
+    max_bytes: int = 10 * 2**20
+    max_pixels: int = 4096 * 4096
+    max_images: int = 2
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything the app and the batcher need besides the model.
+
+    Attributes:
+        model_name: the id `GET /v1/models` lists and requests must name.
+        method: the trimming applied when a request gives no `trim` object (None: untrimmed).
+        trim_scoring_layer: default of the per-request `trim.trim_scoring_layer`.
+        api_key: if set, every request needs `Authorization: Bearer <api_key>`.
+        max_batch_size: requests served together in one prefill and decode.
+        batch_window_ms: how long the oldest waiting request waits for others to join its batch.
+        max_queue: requests waiting for a batch; one more is answered 503.
+        default_max_tokens: completion length when a request gives no `max_tokens` (capped by the context).
+        images: per-request image limits.
+    """
+
+    model_name: str
+    method: SelectionMethod | None = None
+    trim_scoring_layer: bool = False
+    api_key: str | None = None
+    max_batch_size: int = 8
+    batch_window_ms: float = 10.0
+    max_queue: int = 64
+    default_max_tokens: int = 512
+    images: ImageLimits = ImageLimits()
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "default_max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_window_ms < 0:
+            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        for name in ("max_bytes", "max_pixels", "max_images"):
+            if getattr(self.images, name) < 1:
+                raise ValueError(f"image limit {name} must be >= 1, got {getattr(self.images, name)}")
+
+    @property
+    def max_body_bytes(self) -> int:
+        """Largest request body accepted: every image at its byte limit, base64-encoded, plus 1 MiB of text."""
+        return self.images.max_images * (self.images.max_bytes * 4 // 3 + 4) + 2**20

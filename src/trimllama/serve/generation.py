@@ -1,0 +1,311 @@
+"""The generation loop: one batched prefill, then one batched decode step per token.
+
+Written out instead of calling `model.generate()` so that every row has its own sampling
+settings and `torch.Generator`, its own `max_tokens` and stop sequences, streams its text as it
+is produced, and can be cancelled alone. The inputs of every forward pass are the ones
+`generate()` builds for Mllama (left padding, position ids from the attention mask, the last
+cross-attention mask row on decode steps, `logits_to_keep=1`), so greedy tokens equal
+`generate()`'s. A finished or cancelled row stays in the batch (fed padding, its output
+ignored) until every row is done: this is request-level batching, not iteration-level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from ..handle import TrimHandle, trim
+from .prompts import EncodedPrompt, collate
+from .schemas import TrimSetting
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens. temperature 0 is greedy (argmax)."""
+
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrimReport:
+    """What trimming did for one request (its own image tokens, without batch padding).
+
+    Attributes:
+        method: the method's label, or "none".
+        image_tokens_before: image tokens of the request's images that its text sees.
+        image_tokens_after: tokens kept for the trimmed cross-attention layers.
+        extra_tokens: tokens the method added for those layers (e.g. one remainder per tile).
+        cache_bytes_before / cache_bytes_after: the request's cross-attention KV cache, all
+            cross-attention layers, untrimmed and as served.
+    """
+
+    method: str
+    image_tokens_before: int
+    image_tokens_after: int
+    extra_tokens: int
+    cache_bytes_before: int
+    cache_bytes_after: int
+
+    @property
+    def cache_bytes_saved(self) -> int:
+        return self.cache_bytes_before - self.cache_bytes_after
+
+    def as_dict(self) -> dict:
+        return {
+            "method": self.method,
+            "image_tokens_before": self.image_tokens_before,
+            "image_tokens_after": self.image_tokens_after,
+            "extra_tokens": self.extra_tokens,
+            "cross_attention_cache_bytes_before": self.cache_bytes_before,
+            "cross_attention_cache_bytes_after": self.cache_bytes_after,
+            "cross_attention_cache_bytes_saved": self.cache_bytes_saved,
+        }
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """A finished request: its text, why it stopped ("stop" or "length"), token counts, trimming."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    trim: TrimReport
+
+
+class Job(Protocol):
+    """A request as the engine sees it: inputs, settings, and where its output goes."""
+
+    prompt: EncodedPrompt
+    sampling: SamplingParams
+
+    def cancelled(self) -> bool: ...
+
+    def delta(self, text: str) -> None: ...
+
+    def finish(self, result: RowResult) -> None: ...
+
+
+class TextStream:
+    """Generated token ids -> text deltas, holding back text that may be the start of a stop sequence.
+
+    Each new token is decoded together with the token before it, so the deltas concatenate to
+    the decoded text (spaces between words included), and a partial UTF-8 character
+    (decoded as U+FFFD) waits for the token that completes it.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.tokens: list[int] = []
+        self.text = ""
+        self._pending = ""
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """Add one token; returns (text now safe to emit, whether a stop sequence was reached)."""
+        self.tokens.append(token)
+        self._pending += self._decode_new()
+        return self._release()
+
+    def flush(self) -> str:
+        """At the end: emit whatever was held back."""
+        rest, self._pending = self._pending, ""
+        self.text += rest
+        return rest
+
+    def _decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def _decode_new(self) -> str:
+        before = self._decode(self.tokens[self._prefix : self._read])
+        after = self._decode(self.tokens[self._prefix :])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        self._prefix, self._read = self._read, len(self.tokens)
+        return after[len(before) :]
+
+    def _release(self) -> tuple[str, bool]:
+        hits = [index for index in (self._pending.find(stop) for stop in self.stop) if index >= 0]
+        if hits:
+            out, self._pending = self._pending[: min(hits)], ""
+            self.text += out
+            return out, True
+        hold = max((_overlap(self._pending, stop) for stop in self.stop), default=0)
+        out, self._pending = self._pending[: len(self._pending) - hold], self._pending[len(self._pending) - hold :]
+        self.text += out
+        return out, False
+
+
+def _overlap(text: str, stop: str) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of `stop`."""
+    for length in range(min(len(text), len(stop) - 1), 0, -1):
+        if text.endswith(stop[:length]):
+            return length
+    return 0
+
+
+@dataclass
+class _Row:
+    """Decoding state of one job in the batch."""
+
+    job: Job
+    stream: TextStream
+    generator: torch.Generator | None
+    finish_reason: str | None = None
+    done: bool = False
+    completion_tokens: int = field(default=0)
+
+
+class Engine:
+    """Runs batches of jobs on one Mllama model. Not thread-safe: one thread calls `generate`."""
+
+    def __init__(self, model, processor) -> None:
+        self.model = model
+        self.tokenizer = processor.tokenizer
+        generation_config = model.generation_config
+        eos = generation_config.eos_token_id
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos])
+        pads = (self.tokenizer.pad_token_id, generation_config.pad_token_id, min(self.eos_ids))
+        self.pad_id = int(next(pad for pad in pads if pad is not None))
+        text_config = model.config.text_config
+        self.context_length = int(text_config.max_position_embeddings)
+        self.cross_layers = len(text_config.cross_attention_layers)
+        self.num_patches = int(model.model.vision_model.num_patches)
+        key_projection = model.model.language_model.layers[text_config.cross_attention_layers[0]].cross_attn.k_proj
+        self.cache_bytes_per_token = 2 * key_projection.weight.shape[0] * key_projection.weight.element_size()
+        self.default_sampling = (
+            (float(generation_config.temperature or 1.0), float(generation_config.top_p or 1.0))
+            if generation_config.do_sample
+            else (0.0, 1.0)
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @torch.inference_mode()
+    def generate(self, jobs: Sequence[Job], setting: TrimSetting) -> None:
+        """Serve `jobs` together; each gets its deltas and then `finish(RowResult)`, unless cancelled."""
+        batch = collate([job.prompt for job in jobs], self.pad_id)
+        batch = {key: value.to(self.device) for key, value in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
+        rows = [_Row(job, TextStream(self.tokenizer, job.sampling.stop), self._generator(job.sampling)) for job in jobs]
+        trimmed = setting.method is not None and "pixel_values" in batch
+        context = trim(self.model, setting.method, trim_scoring_layer=setting.trim_scoring_layer) if trimmed else None
+        with context if context is not None else contextlib.nullcontext():
+            logits, cache = self._forward(batch, past_key_values=None)
+            reports = self._trim_reports(batch, context, setting)
+            attention_mask = batch["attention_mask"]
+            positions = attention_mask.sum(dim=-1, keepdim=True) - 1  # (batch, 1)
+            cross_mask = batch.get("cross_attention_mask")
+            while True:
+                tokens = self._next_tokens(logits, rows)
+                self._advance(rows, tokens)
+                if all(row.done for row in rows):
+                    break
+                positions = positions + 1
+                attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(rows), 1)], dim=1)
+                step = {"input_ids": tokens[:, None], "attention_mask": attention_mask, "position_ids": positions}
+                if cross_mask is not None:
+                    step["cross_attention_mask"] = cross_mask[:, -1:]
+                logits, cache = self._forward(step, past_key_values=cache)
+        for row, report in zip(rows, reports):
+            if row.job.cancelled():
+                continue
+            tail = row.stream.flush()
+            if tail:
+                row.job.delta(tail)
+            row.job.finish(
+                RowResult(
+                    text=row.stream.text,
+                    finish_reason=row.finish_reason or "length",
+                    prompt_tokens=row.job.prompt.prompt_tokens,
+                    completion_tokens=row.completion_tokens,
+                    trim=report,
+                )
+            )
+
+    def _forward(self, inputs: dict, past_key_values) -> tuple[torch.Tensor, object]:
+        """(batch, vocab) float32 logits of the last position, and the cache."""
+        output = self.model(**inputs, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1, :].float(), output.past_key_values
+
+    def _generator(self, sampling: SamplingParams) -> torch.Generator | None:
+        if sampling.temperature == 0:
+            return None
+        generator = torch.Generator(device=self.device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        return generator
+
+    def _next_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """(batch,) long: argmax for greedy rows, a draw from each row's own generator otherwise; pad for done rows."""
+        tokens = logits.argmax(dim=-1)
+        for index, row in enumerate(rows):
+            if row.done:
+                tokens[index] = self.pad_id
+            elif row.generator is not None:
+                tokens[index] = sample_token(logits[index], row.job.sampling, row.generator)
+        return tokens
+
+    def _advance(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        for row, token in zip(rows, tokens.tolist()):
+            if row.done:
+                continue
+            if row.job.cancelled():
+                row.done = True
+                continue
+            if token in self.eos_ids:
+                row.done, row.finish_reason = True, "stop"
+                continue
+            row.completion_tokens += 1
+            delta, stopped = row.stream.push(token)
+            if delta:
+                row.job.delta(delta)
+            if stopped:
+                row.done, row.finish_reason = True, "stop"
+            elif row.completion_tokens >= row.job.sampling.max_tokens:
+                row.done, row.finish_reason = True, "length"
+
+    def _trim_reports(self, batch: dict, handle: TrimHandle | None, setting: TrimSetting) -> list[TrimReport]:
+        """Per request: its own image tokens and cross-attention cache bytes, untrimmed and as served."""
+        batch_size = batch["input_ids"].shape[0]
+        if "cross_attention_mask" not in batch:
+            return [TrimReport("none", 0, 0, 0, 0, 0)] * batch_size
+        seen_tiles = batch["cross_attention_mask"].bool().any(dim=1).flatten(1).sum(dim=1)  # (batch,)
+        before = (seen_tiles * self.num_patches).tolist()
+        per_token, layers = self.cache_bytes_per_token, self.cross_layers
+        if handle is None:
+            return [TrimReport("none", n, n, 0, layers * n * per_token, layers * n * per_token) for n in before]
+        stats = handle.stats
+        reports = []
+        for index, tokens in enumerate(before):
+            kept, extra = stats.image_tokens_after[index], stats.extra_tokens[index]
+            first_layer = kept if setting.trim_scoring_layer else tokens
+            after_bytes = (first_layer + (layers - 1) * (kept + extra)) * per_token
+            reports.append(TrimReport(setting.label, tokens, kept, extra, layers * tokens * per_token, after_bytes))
+        return reports
+
+
+def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+    """Draw one token from (vocab,) float32 logits with temperature and nucleus (top-p) filtering."""
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p  # the top token is always kept
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))

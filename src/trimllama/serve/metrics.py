@@ -1,0 +1,74 @@
+"""Prometheus metrics of one server (its own registry, so several apps in one process do not mix)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from .generation import RowResult
+
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServeMetrics:
+    """Counters, gauges and histograms of requests, the queue, batches and trimming."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.requests = Counter(
+            "trimllama_requests",
+            "Chat completion requests by outcome (completed, cancelled, failed, rejected, invalid)",
+            ["outcome"],
+            registry=registry,
+        )
+        self.queue_depth = Gauge("trimllama_queue_depth", "Requests waiting for a batch", registry=registry)
+        self.running = Gauge("trimllama_running_requests", "Requests in the batch being generated", registry=registry)
+        self.batch_size = Histogram(
+            "trimllama_batch_size", "Requests served together in one batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
+        )
+        self.latency = Histogram(
+            "trimllama_request_latency_seconds",
+            "Time from a request's arrival to its last token",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            "trimllama_queue_wait_seconds",
+            "Time a request waited before its batch started",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.prompt_tokens = Counter("trimllama_prompt_tokens", "Prompt tokens of completed requests", registry=registry)
+        self.completion_tokens = Counter(
+            "trimllama_completion_tokens", "Generated tokens of completed requests", registry=registry
+        )
+        self.image_tokens_before = Counter(
+            "trimllama_image_tokens_before", "Image tokens the requests' text sees, before trimming", registry=registry
+        )
+        self.image_tokens_after = Counter(
+            "trimllama_image_tokens_after", "Image tokens kept for the trimmed cross-attention layers", registry=registry
+        )
+        self.cache_bytes_saved = Counter(
+            "trimllama_cross_attention_cache_bytes_saved",
+            "Cross-attention KV cache bytes that trimming saved (per request, without batch padding)",
+            registry=registry,
+        )
+        for outcome in ("completed", "cancelled", "failed", "rejected", "invalid"):
+            self.requests.labels(outcome)
+
+    def record_result(self, result: RowResult, latency_s: float) -> None:
+        self.requests.labels("completed").inc()
+        self.latency.observe(latency_s)
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.completion_tokens.inc(result.completion_tokens)
+        self.image_tokens_before.inc(result.trim.image_tokens_before)
+        self.image_tokens_after.inc(result.trim.image_tokens_after)
+        self.cache_bytes_saved.inc(result.trim.cache_bytes_saved)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,252 @@
+"""The request body of `POST /v1/chat/completions`, and how it is checked.
+
+OpenAI's chat format, plus one extension object `trim` (the OpenAI client sends it with
+`extra_body={"trim": {...}}`):
+
+    {"method": "headwise_topk", "head_k": 0.1, "budget": null, "merge_remainder": false,
+     "trim_scoring_layer": false, ...any other setting of the method}
+
+A `trim` object describes the trimming completely: `method` defaults to headwise_topk, and
+`{"method": "none"}` asks for the untrimmed model. Without `trim` the server's default applies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
+
+from ..errors import TrimllamaError
+from ..methods import METHODS, MergeRemainder, SelectionMethod, get_method
+from .errors import invalid
+
+MAX_STOP_SEQUENCES = 4
+DEFAULT_TRIM_METHOD = "headwise_topk"
+
+
+class ImageURL(BaseModel):
+    url: StrictStr
+    detail: StrictStr | None = None
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ImagePart(BaseModel):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
+
+
+class Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class TrimOptions(BaseModel):
+    """Per-request trimming; unknown keys are settings of the method, checked against it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    method: StrictStr = DEFAULT_TRIM_METHOD
+    head_k: StrictInt | StrictFloat | None = None
+    budget: StrictInt | None = None
+    merge_remainder: StrictBool = False
+    trim_scoring_layer: StrictBool | None = None
+
+    @field_validator("head_k", mode="before")
+    @classmethod
+    def _count_or_fraction(cls, value: object) -> object:
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError("head_k must be a number: an int count of tokens or a float fraction")
+        return value
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields this server reads; other OpenAI fields are accepted and ignored."""
+
+    model: StrictStr | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    n: StrictInt = 1
+    logprobs: StrictBool | None = None
+    trim: TrimOptions | None = None
+
+    @property
+    def stop_sequences(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+@dataclass(frozen=True)
+class TrimSetting:
+    """The trimming one request runs under; requests batch together only when these are equal."""
+
+    method: SelectionMethod | None
+    trim_scoring_layer: bool = False
+
+    @property
+    def key(self) -> str:
+        """Equal for equal settings (dataclass reprs list every field)."""
+        return f"{self.method!r}|{self.trim_scoring_layer}"
+
+    @property
+    def label(self) -> str:
+        if self.method is None:
+            return "none"
+        return self.method.label() + (" +scoring layer" if self.trim_scoring_layer else "")
+
+
+def parse_request(body: bytes) -> ChatCompletionRequest:
+    """Parse and check a request body; an APIError (400) names the first problem."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise invalid(f"the request body is not valid JSON ({error})", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise invalid(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")
+    try:
+        request = ChatCompletionRequest.model_validate(data)
+    except ValidationError as error:
+        raise _first_validation_error(error) from None
+    _check_supported(request)
+    return request
+
+
+def _first_validation_error(error: ValidationError) -> Exception:
+    """The most specific problem: the error located deepest (a union reports one error per member)."""
+    details = error.errors(include_url=False)
+    detail = max(details, key=lambda item: len(_location_parts(item["loc"])))
+    param = _location(detail["loc"])
+    if detail["type"] == "missing":
+        return invalid(f"'{param}' is required", param, "missing_field")
+    message = detail["msg"].removeprefix("Value error, ")
+    return invalid(f"'{param}': {message} (got {_short(detail.get('input'))})", param, "invalid_value")
+
+
+def _location_parts(loc: tuple) -> list:
+    """Field names and indices of a pydantic location, without union member names and repeated tags."""
+    parts = []
+    for part in loc:
+        if isinstance(part, str) and ("[" in part or part in ("str", "int", "float", "bool")):
+            continue
+        if parts and part == parts[-1] and isinstance(part, str):
+            continue  # a tagged union's tag, followed by the field of the same name
+        parts.append(part)
+    return parts
+
+
+def _location(loc: tuple) -> str:
+    text = ""
+    for part in _location_parts(loc):
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value) if not isinstance(value, BaseModel) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _check_supported(request: ChatCompletionRequest) -> None:
+    if request.n != 1:
+        raise invalid(f"'n': this server returns one choice per request, got n={request.n}", "n")
+    if request.logprobs:
+        raise invalid("'logprobs': log probabilities are not supported by this server", "logprobs")
+    stops = request.stop_sequences
+    if len(stops) > MAX_STOP_SEQUENCES:
+        raise invalid(f"'stop': at most {MAX_STOP_SEQUENCES} stop sequences, got {len(stops)}", "stop")
+    if any(not stop for stop in stops):
+        raise invalid("'stop': stop sequences must not be empty strings", "stop")
+    if not any(message.role == "user" for message in request.messages):
+        raise invalid("'messages': the conversation has no user message", "messages")
+
+
+def resolve_trim(options: TrimOptions | None, default: TrimSetting) -> TrimSetting:
+    """The TrimSetting a request's `trim` object describes (the server default without one).
+
+    Checked like the CLI's options: unknown methods, settings the method does not take, and
+    out-of-range values are 400s naming the field.
+    """
+    if options is None:
+        return default
+    scoring = default.trim_scoring_layer if options.trim_scoring_layer is None else options.trim_scoring_layer
+    extras = dict(options.model_extra or {})
+    given = {"head_k": options.head_k, "budget": options.budget, **extras}
+    given = {key: value for key, value in given.items() if value is not None}
+    if options.method.lower() == "none":
+        flags = sorted(given) + (["merge_remainder"] if options.merge_remainder else [])
+        if flags:
+            raise invalid(f"'trim': {', '.join(flags)} has no effect with method none (the untrimmed model)", "trim")
+        return TrimSetting(None, False)
+    if options.method not in METHODS:
+        raise invalid(
+            f"'trim.method': unknown method {options.method!r}; registered methods: {', '.join(METHODS)}, or none",
+            "trim.method",
+            "unknown_method",
+        )
+    cls = METHODS[options.method]
+    wrap = options.merge_remainder or cls is MergeRemainder
+    if cls is MergeRemainder:
+        cls = METHODS[DEFAULT_TRIM_METHOD]
+    settings = _method_settings(cls, given)
+    try:
+        method = get_method(cls, **settings)
+        if wrap:
+            method = MergeRemainder(method=method)
+    except TrimllamaError as error:
+        raise invalid(f"'trim': {error}", "trim", "invalid_trim_setting") from None
+    return TrimSetting(method, scoring)
+
+
+def _method_settings(cls: type[SelectionMethod], given: dict) -> dict:
+    """Map request keys to the method's constructor fields (`head_k` is `ratio` for random)."""
+    fields = {field.name: field for field in dataclasses.fields(cls)}
+    settings = {}
+    for key, value in given.items():
+        name = "ratio" if key == "head_k" and "head_k" not in fields and "ratio" in fields else key
+        if name not in fields:
+            raise invalid(
+                f"'trim.{key}': method {cls.name} has no setting {key!r} "
+                f"(its settings: {', '.join(sorted(fields)) or 'none'})",
+                f"trim.{key}",
+                "invalid_trim_setting",
+            )
+        default = fields[name].default
+        if isinstance(value, (dict, list)) or (default not in (None, dataclasses.MISSING) and not _same_kind(value, default)):
+            expected = type(default).__name__ if default not in (None, dataclasses.MISSING) else "a number, string or boolean"
+            raise invalid(f"'trim.{key}': expected {expected}, got {_short(value)}", f"trim.{key}", "invalid_trim_setting")
+        settings[name] = value
+    return settings
+
+
+def _same_kind(value: object, default: object) -> bool:
+    """Whether a JSON value fits a setting whose default is `default` (an int fits a float setting)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
