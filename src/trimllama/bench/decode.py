@@ -1,0 +1,105 @@
+"""Prefill + greedy decode with a DynamicCache, timed step by step.
+
+`model.generate(cross_attention_states=...)` would hand the states to every step, and Mllama would
+project them again and append them to the cross-attention cache. This loop passes them, with the
+4-D `cross_attention_mask` (batch, text_len, images, tiles), on the prefill only; decode steps pass
+`cross_attention_states=None` and the mask row of the new token, as `generate` does with pixel values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, MllamaForConditionalGeneration
+
+from .model import BenchInputs
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings cover it (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class DecodeRun:
+    """One prefill and its greedy continuation.
+
+    Attributes:
+        tokens: (batch, new_tokens) generated ids, the prefill's token first.
+        prefill_seconds: the prefill forward pass and its argmax.
+        step_seconds: one entry per decode step (new_tokens - 1 of them).
+        cache: the DynamicCache after the last step.
+    """
+
+    tokens: torch.Tensor
+    prefill_seconds: float
+    step_seconds: list[float]
+    cache: DynamicCache
+
+
+@torch.inference_mode()
+def greedy_decode(model: MllamaForConditionalGeneration, inputs: BenchInputs, new_tokens: int) -> DecodeRun:
+    """Prefill `inputs`, then decode `new_tokens - 1` more tokens greedily, one forward pass each."""
+    device = inputs.input_ids.device
+    attention_mask = inputs.attention_mask
+    step_tile_mask = inputs.cross_attention_mask[
+        :, -1:
+    ]  # (batch, 1, images, tiles): the new token sees what the last did
+    synchronize(device)
+    start = time.perf_counter()
+    output = model(
+        input_ids=inputs.input_ids,
+        attention_mask=attention_mask,
+        cross_attention_states=inputs.cross_attention_states,
+        cross_attention_mask=inputs.cross_attention_mask,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+    synchronize(device)
+    prefill_seconds = time.perf_counter() - start
+    cache, tokens, step_seconds = output.past_key_values, [token], []
+    for _ in range(new_tokens - 1):
+        start = time.perf_counter()
+        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
+        output = model(
+            input_ids=token,
+            attention_mask=attention_mask,
+            cross_attention_states=None,
+            cross_attention_mask=step_tile_mask,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+        synchronize(device)
+        step_seconds.append(time.perf_counter() - start)
+        tokens.append(token)
+    return DecodeRun(torch.cat(tokens, dim=1), prefill_seconds, step_seconds, cache)
+
+
+def cache_bytes(cache: DynamicCache) -> dict[int, int]:
+    """Bytes of keys + values per decoder layer (self-attention: text tokens; cross-attention: image tokens)."""
+    return {
+        index: layer.keys.nbytes + layer.values.nbytes
+        for index, layer in enumerate(cache.layers)
+        if getattr(layer, "keys", None) is not None
+    }
+
+
+@torch.inference_mode()
+def image_features(
+    model: MllamaForConditionalGeneration,
+    pixel_values: torch.Tensor,
+    aspect_ratio_ids: torch.Tensor,
+    aspect_ratio_mask: torch.Tensor,
+) -> torch.Tensor:
+    """(batch, images * tiles * patches, hidden): the `cross_attention_states` Mllama computes from pixels."""
+    core = model.model
+    vision = core.vision_model(
+        pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
+    ).last_hidden_state
+    projected = core.multi_modal_projector(vision)  # (batch, images, tiles, patches, hidden)
+    return projected.reshape(pixel_values.shape[0], -1, core.hidden_size)

@@ -1,0 +1,98 @@
+"""Peak tensor memory of one block of work.
+
+Both devices report the bytes the caller says the block starts with (weights and inputs) plus the
+largest increase of live tensor bytes during the block:
+CUDA: the caching allocator's `max_memory_allocated` minus `memory_allocated` at the start.
+CPU: torch's profiler with `profile_memory=True` reports every CPU tensor allocation and free with the
+running total of what was allocated while it ran; the largest total is the increase. The profiler slows
+the block down, so it is only used on untimed runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+from torch._C._profiler import _EventType
+from torch.profiler import ProfilerActivity, profile
+
+
+class PeakMemory:
+    """Context manager; `peak_bytes` holds the peak after the block.
+
+    Args:
+        device: where the tensors live.
+        baseline_bytes: bytes of the block's own tensors that are live when it starts (weights, inputs).
+    """
+
+    def __init__(self, device: torch.device, baseline_bytes: int = 0) -> None:
+        self.device = device
+        self.baseline_bytes = baseline_bytes
+        self.peak_bytes = 0
+        self._profiler: profile | None = None
+        self._start_bytes = 0
+
+    @property
+    def method(self) -> str:
+        return describe_method(self.device)
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_bytes = torch.cuda.memory_allocated(self.device)
+            return self
+        self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+        with _quiet_stderr():
+            self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = self.baseline_bytes + torch.cuda.max_memory_allocated(self.device) - self._start_bytes
+            return
+        with _quiet_stderr():
+            self._profiler.__exit__(*exc_info)
+        self.peak_bytes = self.baseline_bytes + _peak_allocated(self._profiler)
+        self._profiler = None
+
+
+def describe_method(device: torch.device) -> str:
+    """How `PeakMemory` measures on `device`, for the report."""
+    tracker = (
+        "torch.cuda.max_memory_allocated - memory_allocated at the start"
+        if device.type == "cuda"
+        else "torch profiler with profile_memory=True, CPU tensor allocations"
+    )
+    return (
+        "weights + benchmark inputs (cross_attention_states, ids, masks, the ideal arm's kept features) "
+        f"+ largest increase of live tensor bytes during the prefill and one decode step ({tracker})"
+    )
+
+
+def _peak_allocated(profiler: profile) -> int:
+    """Largest running total of bytes allocated (and not yet freed) while the profiler ran."""
+    peak, pending = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    while pending:
+        node = pending.pop()
+        pending.extend(node.children)
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            peak = max(peak, node.extra_fields.total_allocated)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence the profiler's start/stop lines, which its C++ side writes straight to file descriptor 2."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
