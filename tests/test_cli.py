@@ -274,3 +274,11 @@ def test_bad_input_is_one_line_and_a_nonzero_exit(bad_runs, name):
     assert re.fullmatch(r"trimllama (generate|show): error: .*", lines[0])
     assert re.search(message, lines[0]), lines[0]
     assert result.stdout == ""
+
+
+def test_demo_runs_the_three_arms_on_the_testbed():
+    result = run_script(["demo", "--questions", "4"])
+    assert result.returncode == 0, result.stderr
+    for arm in ("untrimmed:", "trimmed:", "+remainder:"):
+        assert arm in result.stdout
+    assert "image tokens kept:" in result.stdout

@@ -8,7 +8,7 @@ import time
 import torch
 
 from ..handle import trim
-from ..methods import HeadwiseTopK
+from ..methods import HeadwiseTopK, MergeRemainder
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -16,7 +16,8 @@ def register(subparsers) -> argparse.ArgumentParser:
         "demo",
         help="answer held-out testbed questions untrimmed and trimmed, side by side",
         description="Loads the shipped testbed checkpoint (a small trained Mllama), asks it held-out questions "
-        "untrimmed and with HeadwiseTopK, and prints answers, accuracy, kept tokens and cache bytes.",
+        "untrimmed, with HeadwiseTopK, and with HeadwiseTopK + one remainder token per tile, and prints answers, "
+        "accuracy, kept tokens and cache bytes.",
     )
     parser.add_argument("--questions", type=int, default=24, help="held-out questions to ask (default 24)")
     parser.add_argument("--head-k", type=float, default=0.05, help="HeadwiseTopK per-head fraction (default 0.05)")
@@ -43,27 +44,28 @@ def run(args: argparse.Namespace) -> int:
     inputs = processor(images=[[q.image] for q in questions], text=prompts, return_tensors="pt", padding=True)
     prompt_len = inputs["input_ids"].shape[1]
     method = HeadwiseTopK(head_k=args.head_k)
+    arms = {"untrimmed": None, "trimmed": method, "+remainder": MergeRemainder(method)}
     print(f"testbed checkpoint, {len(questions)} held-out questions, {method.label()} vs untrimmed\n")
-    answers, timings = {}, {}
+    answers, timings, stats = {}, {}, None
     with torch.no_grad():
-        for arm in ("untrimmed", "trimmed"):
+        for arm, arm_method in arms.items():
             start = time.perf_counter()
-            if arm == "trimmed":
-                with trim(model, method) as handle:
-                    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-                stats = handle.stats
-            else:
+            if arm_method is None:
                 output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+            else:
+                with trim(model, arm_method) as handle:
+                    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+                stats = stats or handle.stats
             timings[arm] = time.perf_counter() - start
-            answers[arm] = processor.batch_decode(output[:, prompt_len:], skip_special_tokens=True)
-    print(f"{'question':<44} {'truth':<9} {'untrimmed':<10} {'trimmed':<10} kept")
+            answers[arm] = [a.strip() for a in processor.batch_decode(output[:, prompt_len:], skip_special_tokens=True)]
+    print(f"{'question':<40} {'truth':<9} " + " ".join(f"{arm:<11}" for arm in arms) + "kept")
     for index, question in enumerate(questions):
         kept = f"{stats.image_tokens_after[index]}/{stats.image_tokens_valid[index]}"
-        untrimmed, trimmed = answers["untrimmed"][index].strip(), answers["trimmed"][index].strip()
-        print(f"{question.question:<44} {question.answer:<9} {untrimmed:<10} {trimmed:<10} {kept}")
-    for arm in ("untrimmed", "trimmed"):
+        cells = " ".join(f"{answers[arm][index]:<11}" for arm in arms)
+        print(f"{question.question:<40} {question.answer:<9} {cells}{kept}")
+    for arm in arms:
         correct = sum(answer_matches(a, q.answer) for a, q in zip(answers[arm], questions))
-        print(f"{arm:>9}: {correct}/{len(questions)} correct, {timings[arm]:.2f} s")
+        print(f"{arm:>10}: {correct}/{len(questions)} correct, {timings[arm]:.2f} s")
     _print_stats(stats)
     return 0
 
