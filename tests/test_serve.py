@@ -4,7 +4,7 @@ Two servers start once for the module, side by side, on free ports of 127.0.0.1 
 testbed checkpoint: `main` (API key, batches of up to 8, small image limits) and `slow_queue`
 (no key, a 3 s batch window and a queue of 2, to fill the queue and to cancel waiting requests
 deterministically). Answers are compared with `model.generate()` run in this process on the
-same inputs. Every client call has a timeout; the module takes about a minute on 2 CPU cores.
+same inputs, and the 32 concurrent answers with the same server's one-at-a-time answers. Every client call has a timeout; the module takes about a minute on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -298,22 +298,22 @@ def test_seeded_sampling_is_reproducible(client, questions):
     assert first == second
 
 
-def test_32_concurrent_requests_batch_and_match_lone_answers(server, client, testbed, questions):
-    method = HeadwiseTopK(head_k=0.25)
+def test_32_concurrent_requests_batch_and_match_lone_answers(server, client, questions):
     distinct = [(q, TRIMMED if index % 2 else {"method": "none"}) for index, q in enumerate(questions[:16])]
-    references = [generate_alone(testbed, q, method if s is TRIMMED else None) for q, s in distinct]
-    order = [index for index in range(16)] + [index for index in reversed(range(16))]  # 32 requests, each asked twice
+    references = [ask(client, *request).choices[0].message.content for request in distinct]  # one at a time
+    order = list(range(16)) + list(reversed(range(16)))  # 32 requests, each question and setting twice
     expected = [references[index] for index in order]
     before = server.get("/metrics").text
     with ThreadPoolExecutor(max_workers=32) as pool:
         futures = [pool.submit(ask, client, *distinct[index]) for index in order]
         answers = [future.result(timeout=TIMEOUT).choices[0].message.content for future in futures]
     after = server.get("/metrics").text
-    assert answers == expected
+    differing = [(index, answers[index], expected[index]) for index in range(32) if answers[index] != expected[index]]
+    assert not differing, f"(request, batched answer, lone answer): {differing}"
     batches = metric(after, "trimllama_batch_size_count") - metric(before, "trimllama_batch_size_count")
     singles = metric(after, 'trimllama_batch_size_bucket{le="1.0"}') - metric(before, 'trimllama_batch_size_bucket{le="1.0"}')
     served = metric(after, "trimllama_batch_size_sum") - metric(before, "trimllama_batch_size_sum")
-    assert served == 32
+    assert served == 32, f"{served:.0f} requests went through the batcher"
     assert batches - singles >= 2, f"{batches:.0f} batches, {singles:.0f} of one request: too little batching"
     assert batches < 32
 
