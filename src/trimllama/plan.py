@@ -85,10 +85,11 @@ class TrimPlan:
 
     def gather_states(self, states: torch.Tensor) -> torch.Tensor:
         """(batch, image_tokens, hidden) -> (batch, columns, hidden); padding columns are zero."""
-        hidden = states.shape[-1]
-        index = self.index.to(states.device)
-        kept = states.gather(1, index[:, :, None].expand(-1, -1, hidden))
-        kept = kept.masked_fill(~self.column_valid.to(states.device)[:, :, None], 0)
+        batch, num_tokens, hidden = states.shape
+        # one index_select over the flattened rows: a contiguous result, unlike gather with an expanded index
+        rows = self.index.to(states.device) + torch.arange(batch, device=states.device)[:, None] * num_tokens
+        kept = states.reshape(batch * num_tokens, hidden).index_select(0, rows.flatten()).view(batch, -1, hidden)
+        kept = kept.masked_fill_(~self.column_valid.to(states.device)[:, :, None], 0)
         if self.extra is None:
             return kept
         return torch.cat([kept, self.extra.features.to(device=states.device, dtype=states.dtype)], dim=1)

@@ -36,22 +36,25 @@ def head_attention(
         reduce: "sum" (total attention mass a token receives) or "max" (its peak over rows).
 
     Returns:
-        (batch, heads, image_tokens) float32 scores; 0 for samples without any row.
+        (batch, heads, image_tokens) float32 scores; 0 for samples without any row. The logits are
+        computed in the key's dtype, as the layer's own attention does; mask and softmax in float32.
     """
     batch, heads, text_len, head_dim = query.shape
     kv_heads, image_tokens = key.shape[1], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
     groups = heads // kv_heads
-    key = key.float().unsqueeze(2)  # (batch, kv_heads, 1, image_tokens, head_dim)
+    key_t = key.transpose(-1, -2)  # (batch, kv_heads, head_dim, image_tokens), in the model's dtype
     scores = query.new_zeros((batch, heads, image_tokens), dtype=torch.float32)
     for start in range(0, text_len, ROW_CHUNK):
         stop = min(start + ROW_CHUNK, text_len)
         chunk_rows = rows[:, start:stop]
         if not chunk_rows.any():
             continue
-        q = query[:, :, start:stop].float().view(batch, kv_heads, groups, stop - start, head_dim)
-        logits = torch.matmul(q, key.transpose(-1, -2)).view(batch, heads, stop - start, image_tokens)
+        # the query heads of one KV group share its keys: stack them as rows of one matmul
+        # (batch, kv_heads, groups * rows, head_dim), so the keys are never repeated per head
+        q = query[:, :, start:stop].to(key.dtype).reshape(batch, kv_heads, groups * (stop - start), head_dim)
+        logits = torch.matmul(q, key_t).float().view(batch, heads, stop - start, image_tokens)
         logits = logits * scaling + mask[:, :, start:stop].float()
         probs = logits.softmax(dim=-1) * chunk_rows[:, None, :, None]
         if reduce == "sum":
