@@ -82,6 +82,27 @@ def build_arms(
     return arms
 
 
+def encode_questions(
+    processor, questions: Sequence, prompt: Callable[[object, str], str], batch_size: int = 32, shuffle_images: bool = False
+) -> list[dict]:
+    """Processor outputs (pixel_values, input_ids, masks) of `questions` in batches of `batch_size`.
+
+    Encoding is deterministic, so a sweep encodes once and reuses the batches for every arm.
+    With `shuffle_images`, every batch's images are permuted (a control: answers must then be at chance).
+    """
+    shuffler = random.Random(0)
+    batches = []
+    for start in range(0, len(questions), batch_size):
+        chunk = questions[start : start + batch_size]
+        images = [[q.image] for q in chunk]
+        if shuffle_images:
+            shuffler.shuffle(images)
+        batches.append(
+            processor(images=images, text=[prompt(processor, q.question) for q in chunk], return_tensors="pt", padding=True)
+        )
+    return batches
+
+
 @torch.no_grad()
 def answer_questions(
     model,
@@ -93,26 +114,24 @@ def answer_questions(
     max_new_tokens: int = 4,
     shuffle_images: bool = False,
     progress: Callable[[int], None] | None = None,
+    batches: list[dict] | None = None,
 ) -> tuple[list[str], list[float], list[int]]:
     """Greedy answers, kept fraction and extra tokens per question.
 
-    With `shuffle_images`, every batch's images are permuted (a control: answers must then be at chance).
+    `batches` (from `encode_questions` with the same questions, prompt, batch size and shuffling) skips
+    the encoding; otherwise the questions are encoded here.
     """
+    if batches is None:
+        batches = encode_questions(processor, questions, prompt, batch_size, shuffle_images)
     answers, kept_fractions, extra_tokens = [], [], []
     device = next(model.parameters()).device
-    shuffler = random.Random(0)
-    for start in range(0, len(questions), batch_size):
-        chunk = questions[start : start + batch_size]
-        images = [[q.image] for q in chunk]
-        if shuffle_images:
-            shuffler.shuffle(images)
-        inputs = processor(
-            images=images, text=[prompt(processor, q.question) for q in chunk], return_tensors="pt", padding=True
-        ).to(device)
+    for encoded in batches:
+        inputs = encoded.to(device)
+        size = inputs["input_ids"].shape[0]
         if method is None:
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            kept_fractions += [1.0] * len(chunk)
-            extra_tokens += [0] * len(chunk)
+            kept_fractions += [1.0] * size
+            extra_tokens += [0] * size
         else:
             with trim(model, method) as handle:
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -120,7 +139,9 @@ def answer_questions(
             extra_tokens += handle.stats.extra_tokens
         answers += processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         if progress is not None:
-            progress(len(chunk))
+            progress(size)
+    if len(answers) != len(questions):
+        raise ValueError(f"{len(answers)} answers for {len(questions)} questions: the batches encode other questions")
     return answers, kept_fractions, extra_tokens
 
 

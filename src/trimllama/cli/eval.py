@@ -52,7 +52,7 @@ def _parse_settings(text: str) -> list[float | int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import answer_questions, build_arms, plot, score, uninformative_types, write_json
+    from ..evaluate import answer_questions, build_arms, encode_questions, plot, score, uninformative_types, write_json
     from ..testbed import answer_matches, build_prompt, make_questions
 
     if args.questions < 1 or args.batch_size < 1:
@@ -64,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     model, processor, _ = load_model(args)
     questions = make_questions(args.questions, seed=args.seed)
+    batches = encode_questions(processor, questions, build_prompt, args.batch_size, args.shuffle_images)
     show_progress = sys.stderr.isatty() and not args.json
     results = []
     started = time.perf_counter()
@@ -71,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
         bar = _progress(f"{arm.curve} {arm.parameter if arm.parameter is not None else ''}", len(questions), show_progress)
         answers, kept, extra = answer_questions(
             model, processor, questions, arm.method, build_prompt, args.batch_size,
-            shuffle_images=args.shuffle_images, progress=bar.update if bar else None,
+            progress=bar.update if bar else None, batches=batches,
         )
         if bar:
             bar.close()
