@@ -13,8 +13,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 QUESTIONS, SEED = 240, 31337
-QUARTER = trimllama.HeadwiseTopK(head_k=0.1)  # keeps about a quarter of the tokens on the testbed
-FIFTH = trimllama.HeadwiseTopK(head_k=0.07)  # keeps about a sixth to a fifth
+QUARTER = trimllama.HeadwiseTopK(head_k=0.08)  # keeps about a quarter (0.24) of the tokens on the testbed
+FIFTH = trimllama.HeadwiseTopK(head_k=0.07)  # keeps about a fifth (0.20)
 
 
 @pytest.fixture(scope="module")
@@ -46,9 +46,11 @@ def test_settings_keep_about_a_quarter_and_a_fifth(results):
 def test_headwise_beats_count_matched_random_where_the_floor_is_low(results):
     """Where the floor is >= 20 points below untrimmed, attention beats random at equal counts by >= 10 points.
 
-    Counting is the documented exception (README, "Fidelity testbed"): dropping the unattended tokens
-    renormalises the later layers' softmax, which counting reads; random keeps a uniform sample of the
-    background and loses less. The remainder test below covers counting instead.
+    Counting is the documented exception (README, "Fidelity testbed"): at a quarter of the tokens both
+    attention and random lose about 20 of its 27 points above the floor, and neither beats the other
+    (0.58 against 0.57 on these questions). Counting reads how much of the later layers' attention
+    mass lands on objects against background, which any dropping of background tokens distorts;
+    the remainder test below shows that summarising the dropped tokens brings it back.
     """
     untrimmed, floor = results["untrimmed"].per_type, results["floor"].per_type
     informative = [t for t in untrimmed if untrimmed[t] - floor[t] >= 0.2 and t != "count"]

@@ -32,12 +32,12 @@ needs_ckpt = pytest.mark.skipif(
 EVAL_SEED = 424_242
 EVAL_N = 200
 
-# The target was >= 0.95 overall and >= 0.90 per type; the shipped checkpoint did not reach it
-# (see README, "Fidelity testbed"). These floors are what it measures on this held-out set
-# (overall 0.49, color 0.58, count 0.72, shape 0.42, relation 0.24), less a margin: a regression
-# of the checkpoint or of the loading path fails them. Relation is at chance and is not asserted.
-MIN_OVERALL = 0.42
-MIN_PER_TYPE = {"color": 0.45, "count": 0.60, "shape": 0.32}
+# The target was >= 0.95 overall and >= 0.90 per type; the shipped checkpoint reaches it for
+# color and shape only (see README, "Fidelity testbed"). These floors are what it measures on this
+# held-out set (overall 0.78, color 0.98, shape 0.98, count 0.70, relation 0.46; shuffled images
+# 0.20), less a margin of about 0.1: a regression of the checkpoint or of the loading path fails them.
+MIN_OVERALL = 0.70
+MIN_PER_TYPE = {"color": 0.88, "shape": 0.88, "count": 0.58, "relation": 0.36}
 
 
 # --------------------------------------------------------------------------- data
@@ -178,7 +178,7 @@ def test_checkpoint_loads_offline_and_is_consistent(loaded):
     assert model.model.vision_model.num_patches == (data.TILE_SIZE // data.PATCH_SIZE) ** 2 + 1
     assert cfg.vision_config.max_num_tiles == 4
     for i in cfg.text_config.cross_attention_layers:  # gates are trained, not the zero init
-        assert float(model.model.language_model.layers[i].cross_attn_attn_gate.abs()) > 0.05
+        assert float(model.model.language_model.layers[i].cross_attn_attn_gate.detach().abs()) > 0.05
     size = sum(f.stat().st_size for f in testbed.CHECKPOINT_DIR.iterdir() if f.is_file())
     assert size < 20 * 2**20
 
@@ -234,7 +234,7 @@ def test_shuffled_images_fall_to_chance(real_acc, shuffled_acc, eval_questions):
     print("shuffled-image accuracy", shuffled_acc)
     assert shuffled_acc["overall"] <= 0.30
     assert real_acc["overall"] - shuffled_acc["overall"] >= 0.15
-    for t in ("color", "count"):  # the types the model answers from the image
+    for t in ("color", "shape", "count"):  # relation is too weak for a 0.2 gap on 200 questions
         assert real_acc[t] - shuffled_acc[t] >= 0.2, (t, real_acc[t], shuffled_acc[t])
     for t in testbed.QUESTION_TYPES:
         ans = Counter(q.answer for q in eval_questions if q.qtype == t)
