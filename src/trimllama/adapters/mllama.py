@@ -1,4 +1,4 @@
-"""Trimming wired into Hugging Face Mllama (Llama-3.2-Vision), transformers 5.23.
+"""Trimming wired into Hugging Face Mllama (Llama-3.2-Vision), transformers 5.19 to 5.24.
 
 How one forward pass runs with the hooks (see `shared/method.md` for the Mllama internals):
 
@@ -17,10 +17,13 @@ the mask that `MllamaModel` rebuilds from the untrimmed tile layout is gathered 
 from __future__ import annotations
 
 import inspect
+import os
+import warnings
 from dataclasses import dataclass
 from functools import partial
 
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache
 from transformers.models.mllama.modeling_mllama import (
@@ -34,6 +37,27 @@ from ..methods.base import ImageTokens, SelectionMethod
 from ..plan import TrimPlan
 from ..selection import head_attention
 from .base import Adapter, TrimStats
+
+# The transformers releases whose Mllama the core tests run on (.ci/run); trim() refuses any other unless opted in.
+TESTED_TRANSFORMERS = ("5.19.0", "5.23.0", "5.24.0")
+ALLOW_UNTESTED_ENV = "TRIMLLAMA_ALLOW_UNTESTED_TRANSFORMERS"
+# transformers 5.24 renamed the layers' and models' `past_key_values` argument to `cache`.
+_CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(MllamaTextCrossAttention.forward).parameters else "past_key_values"
+
+
+def check_transformers_version() -> None:
+    """Refuse an untested transformers release (Mllama's internals move between releases), unless opted in."""
+    version = transformers.__version__
+    if version in TESTED_TRANSFORMERS:
+        return
+    tested = ", ".join(TESTED_TRANSFORMERS)
+    if os.environ.get(ALLOW_UNTESTED_ENV) == "1":
+        warnings.warn(f"trimllama is running on transformers {version}, which it is not tested on (tested: {tested})")
+        return
+    raise UnsupportedModelError(
+        f"trimllama's Mllama adapter is not tested on transformers {version} (tested: {tested}); install one of "
+        f"those, or set {ALLOW_UNTESTED_ENV}=1 to run on {version} at your own risk"
+    )
 
 
 @dataclass
@@ -68,6 +92,7 @@ class MllamaAdapter(Adapter):
     model_classes = ("MllamaForConditionalGeneration", "MllamaModel")
 
     def __init__(self, model: nn.Module, method: SelectionMethod, trim_scoring_layer: bool = False) -> None:
+        check_transformers_version()
         super().__init__(model)
         self.method = method
         self.trim_scoring_layer = trim_scoring_layer
@@ -85,7 +110,7 @@ class MllamaAdapter(Adapter):
         if not isinstance(attention, MllamaTextCrossAttention):
             raise UnsupportedModelError(
                 f"decoder layer {self.scoring_index} has no MllamaTextCrossAttention; "
-                "this transformers version's Mllama is not supported (tested: 5.23)"
+                f"this transformers version's Mllama is not supported (tested: {', '.join(TESTED_TRANSFORMERS)})"
             )
         self.attention = attention
         self.num_patches = int(self.core.vision_model.num_patches)
@@ -125,7 +150,7 @@ class MllamaAdapter(Adapter):
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments
         has_image = inputs.get("pixel_values") is not None or inputs.get("cross_attention_states") is not None
-        cache = inputs.get("past_key_values")
+        cache = _passed_cache(inputs)
         if not has_image:
             if not _has_cross_cache(cache, self.scoring_index):
                 raise MissingImageError(
@@ -200,7 +225,7 @@ class MllamaAdapter(Adapter):
         self._trimmed_states = self.plan.gather_states(prefill.states)
         self._step_mask = self.plan.column_mask(prefill.mask, prefill.row_visible)
         if self.trim_scoring_layer:
-            self._compact_scoring_cache(kwargs.get("past_key_values"))
+            self._compact_scoring_cache(kwargs.get(_CACHE_ARGUMENT))
         self.kept = self.plan.kept_indices()
         self._record_stats(tokens)
 
@@ -288,6 +313,12 @@ class MllamaAdapter(Adapter):
         self.stats.cross_kv_bytes_after = sum(
             cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in indices if i < len(cache.layers)
         )
+
+
+def _passed_cache(inputs: dict):
+    """The cache given to `MllamaModel.forward`; on 5.24 an old-style `past_key_values` arrives in its **kwargs."""
+    cache = inputs.get(_CACHE_ARGUMENT)
+    return cache if cache is not None else inputs.get("kwargs", {}).get("past_key_values")
 
 
 def _has_cross_cache(cache, layer_index: int) -> bool:
