@@ -8,7 +8,6 @@ import tomllib
 from pathlib import Path
 
 import pytest
-import transformers
 from packaging.requirements import Requirement
 
 import trimllama
@@ -23,12 +22,20 @@ def model():
     return tiny_mllama(seed=0)
 
 
+def current_transformers():
+    """transformers as it is now in sys.modules (5.24 replaces its lazy module object after the first imports)."""
+    import transformers
+
+    return transformers
+
+
 def test_the_installed_transformers_is_a_tested_one():
+    transformers = current_transformers()
     assert transformers.__version__ in TESTED_TRANSFORMERS
 
 
 def test_an_untested_transformers_is_refused_with_the_tested_versions_named(model, monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.22.0")
+    monkeypatch.setattr(current_transformers(), "__version__", "5.22.0")
     monkeypatch.delenv(ALLOW_UNTESTED_ENV, raising=False)
     with pytest.raises(trimllama.UnsupportedModelError) as refused:
         trimllama.trim(model, "headwise_topk")
@@ -39,7 +46,7 @@ def test_an_untested_transformers_is_refused_with_the_tested_versions_named(mode
 
 
 def test_an_untested_transformers_is_accepted_with_the_opt_in(model, monkeypatch):
-    monkeypatch.setattr(transformers, "__version__", "5.22.0")
+    monkeypatch.setattr(current_transformers(), "__version__", "5.22.0")
     monkeypatch.setenv(ALLOW_UNTESTED_ENV, "1")
     with pytest.warns(UserWarning, match="not tested on"):
         handle = trimllama.trim(model, "headwise_topk")

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import transformers
 from torch import nn
 from transformers import DynamicCache
 from transformers.models.mllama.modeling_mllama import (
@@ -47,6 +46,8 @@ _CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(MllamaTextCrossAttenti
 
 def check_transformers_version() -> None:
     """Refuse an untested transformers release (Mllama's internals move between releases), unless opted in."""
+    import transformers  # the module now in sys.modules: transformers 5.24 replaces its lazy module after import
+
     version = transformers.__version__
     if version in TESTED_TRANSFORMERS:
         return
