@@ -3,9 +3,9 @@
 Written out instead of calling `model.generate()` so that every row has its own sampling
 settings and `torch.Generator`, its own `max_tokens` and stop sequences, streams its text as it
 is produced, and can be cancelled alone. The inputs of every forward pass are the ones
-`generate()` builds for Mllama (left padding, position ids from the attention mask, the last
-cross-attention mask row on decode steps, `logits_to_keep=1`), so greedy tokens equal
-`generate()`'s. A finished or cancelled row stays in the batch (fed padding, its output
+`generate()` builds for Mllama (left padding, position ids from the attention mask on the
+prefill and on every decode step, the last cross-attention mask row on decode steps,
+`logits_to_keep=1`), so greedy tokens equal `generate()`'s, batched or alone. A finished or cancelled row stays in the batch (fed padding, its output
 ignored) until every row is done: this is request-level batching, not iteration-level.
 """
 
@@ -205,10 +205,12 @@ class Engine:
         trimmed = setting.method is not None and "pixel_values" in batch
         context = trim(self.model, setting.method, trim_scoring_layer=setting.trim_scoring_layer) if trimmed else None
         with context if context is not None else contextlib.nullcontext():
-            logits, cache = self._forward(batch, past_key_values=None)
-            reports = self._trim_reports(batch, context, setting)
             attention_mask = batch["attention_mask"]
-            positions = attention_mask.sum(dim=-1, keepdim=True) - 1  # (batch, 1)
+            # as generate(): positions count the row's own tokens, so left padding shifts nothing
+            prefill_positions = (attention_mask.cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
+            logits, cache = self._forward({**batch, "position_ids": prefill_positions}, past_key_values=None)
+            reports = self._trim_reports(batch, context, setting)
+            positions = prefill_positions[:, -1:]  # (batch, 1)
             cross_mask = batch.get("cross_attention_mask")
             while True:
                 tokens = self._next_tokens(logits, rows)
