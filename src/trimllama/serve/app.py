@@ -134,6 +134,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
             sampling=_sampling(chat, max_tokens, engine.default_sampling),
             setting=setting,
             loop=asyncio.get_running_loop(),
+            stream=chat.stream,
         )
         try:
             batcher.submit(job)
@@ -219,11 +220,8 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _final_event(job: Job) -> tuple[str, object]:
-    """Skip the deltas; ("done", RowResult) or ("error", APIError)."""
-    while True:
-        kind, payload = await job.events.get()
-        if kind != "delta":
-            return kind, payload
+    """("done", RowResult) or ("error", APIError): a non-streaming request gets no deltas."""
+    return await job.events.get()
 
 
 def _sampling(chat: ChatCompletionRequest, max_tokens: int, defaults: tuple[float, float]) -> SamplingParams:
