@@ -174,3 +174,29 @@ async def _last_event(job):
         kind, payload = await job.events.get()
         if kind != "delta":
             return kind, payload
+
+
+def run_engine(engine, prompts, sampling: SamplingParams, together: bool = True) -> list[str]:
+    jobs = [RecordingJob(prompt, sampling) for prompt in prompts]
+    if together:
+        engine.generate(jobs, TrimSetting(None))
+    else:
+        for job in jobs:
+            engine.generate([job], TrimSetting(None))
+    return [job.result.text for job in jobs]
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 5e-324])
+def test_a_tiny_temperature_samples_the_greedy_answer(testbed, prompts, temperature):
+    """Temperatures in (0, ~1e-37] used to overflow softmax(logits / T) into NaN; the limit is greedy."""
+    engine = Engine(*testbed)
+    greedy = run_engine(engine, prompts[:4], SamplingParams(max_tokens=12))
+    assert run_engine(engine, prompts[:4], SamplingParams(max_tokens=12, temperature=temperature, seed=3)) == greedy
+
+
+def test_seeded_sampling_is_the_same_batched_and_alone(testbed, prompts):
+    engine = Engine(*testbed)
+    sampling = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=5)
+    batched = run_engine(engine, prompts[:4], sampling)
+    assert batched == run_engine(engine, prompts[:4], sampling, together=False)
+    assert batched != run_engine(engine, prompts[:4], SamplingParams(max_tokens=12)), "sampling gave the greedy answers"
