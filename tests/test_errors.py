@@ -71,13 +71,6 @@ def test_registry_accepts_names_and_class_names(model):
 
 
 @torch.no_grad()
-def test_inputs_without_an_image(model, batch):
-    with trimllama.trim(model):
-        with pytest.raises(trimllama.MissingImageError, match="the inputs hold no image"):
-            model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2)
-
-
-@torch.no_grad()
 def test_mask_shape_mismatch(model, batch):
     wrong = dict(batch, cross_attention_mask=batch["cross_attention_mask"][:, :, :, :3])
     with trimllama.trim(model):

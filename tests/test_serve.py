@@ -10,17 +10,8 @@ same inputs, and the 32 concurrent answers with the same server's one-at-a-time 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import io
-import os
-import socket
-import struct
-import subprocess
-import sys
-import tempfile
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -43,45 +34,20 @@ from trimllama.serve.prompts import Conversation, collate, encode_conversation  
 from trimllama.serve.schemas import TrimSetting  # noqa: E402
 from trimllama.testbed import CHECKPOINT_DIR, answer_matches, load_testbed, make_questions  # noqa: E402
 
+from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes  # noqa: E402
+
 pytestmark = pytest.mark.skipif(
     not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
 )
 
 API_KEY = "test-key-123"
 MODEL_NAME = "trimllama-testbed"
-TIMEOUT = 60.0
 TRIMMED = {"method": "headwise_topk", "head_k": 0.25}
 MAX_IMAGE_BYTES = 256 * 1024
 MAX_IMAGE_PIXELS = 1_000_000
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def png_bytes(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_url(raw: bytes, media_type: str = "image/png") -> str:
-    return f"data:{media_type};base64,{base64.b64encode(raw).decode()}"
-
-
-def bomb_png(width: int, height: int) -> bytes:
-    """A PNG whose header claims width x height pixels, with almost no data: a decompression bomb's header."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 def user_message(question, images: int = 1) -> list[dict]:
@@ -96,64 +62,6 @@ def ask(client, question, trim_options: dict | None = None, **kwargs):
         model=MODEL_NAME, messages=user_message(question), max_tokens=4, temperature=0, extra_body=extra, **kwargs
     )
 
-
-def metric(text: str, name: str) -> float:
-    """The value of one sample line of Prometheus text, e.g. metric(text, 'trimllama_batch_size_count')."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in /metrics")
-
-
-class Server:
-    """`trimllama serve` in a subprocess; its log is shown when it fails to come up."""
-
-    def __init__(self, *options: str, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.log = tempfile.NamedTemporaryFile(prefix="trimllama-serve-", suffix=".log", delete=False)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        env.pop("TRIMLLAMA_API_KEY", None)
-        if api_key:
-            env["TRIMLLAMA_API_KEY"] = api_key
-        command = [sys.executable, "-c", "import sys; from trimllama.cli import main; sys.exit(main())", "serve"]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), "--log-level", "warning", *options],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", headers=self.headers, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.25)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        with open(self.log.name) as log:
-            return log.read()[-4000:]
-
-    def get(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.get(self.url + path, headers=self.headers, timeout=TIMEOUT, **kwargs)
-
-    def post(self, path: str, **kwargs) -> httpx.Response:
-        return httpx.post(self.url + path, headers={**self.headers, **kwargs.pop("headers", {})}, timeout=TIMEOUT, **kwargs)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        os.unlink(self.log.name)
 
 
 # --------------------------------------------------------------------------- fixtures

@@ -21,7 +21,7 @@ class UnknownMethodError(TrimllamaError, KeyError, ValueError):
 
 
 class MissingImageError(TrimllamaError, ValueError):
-    """A prefill without any image reached a trimmed model."""
+    """A decode step whose cache holds image keys that no trimmed prefill planned (the prefill ran untrimmed)."""
 
 
 class ShapeMismatchError(TrimllamaError, ValueError):

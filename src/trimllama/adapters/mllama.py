@@ -12,6 +12,8 @@ How one forward pass runs with the hooks (see `shared/method.md` for the Mllama 
 
 Decode steps pass `cross_attention_states=None`; the later layers read their (trimmed) cache, and
 the mask that `MllamaModel` rebuilds from the untrimmed tile layout is gathered with the plan's indices.
+A text-only forward (no image given, none cached) passes through untouched, as untrimmed: Mllama
+skips its cross-attention layers, and the stats report zero image tokens.
 """
 
 from __future__ import annotations
@@ -154,11 +156,8 @@ class MllamaAdapter(Adapter):
         cache = _passed_cache(inputs)
         if not has_image:
             if not _has_cross_cache(cache, self.scoring_index):
-                raise MissingImageError(
-                    "the inputs hold no image (no pixel_values or cross_attention_states, and no cached image); "
-                    "a trimmed model needs at least one image per batch"
-                )
-            return
+                self._pass_through(inputs)
+            return  # a text-only prompt, or a decode step whose later layers read their trimmed cache
         if cache is not None and not isinstance(cache, DynamicCache):
             raise NotImplementedError(
                 f"trimllama supports DynamicCache only, got {type(cache).__name__} (static cache / torch.compile)"
@@ -195,7 +194,10 @@ class MllamaAdapter(Adapter):
             self._prefill = _Prefill(states=states, mask=mask, row_visible=row_visible)
             return None
         if self.plan is None:
-            raise MissingImageError("a decode step reached the trimmed model before any prefill with an image")
+            raise MissingImageError(
+                "a decode step reached the trimmed model with image keys in its cache but no trimming plan "
+                "(the prefill ran before trim() was installed); run the prefill with the trimmed model"
+            )
         self._step_mask = self.plan.column_mask(mask, row_visible)
         if not self.trim_scoring_layer:
             return None
@@ -246,6 +248,22 @@ class MllamaAdapter(Adapter):
         self._trimmed_states = self._step_mask = None
 
     # -- helpers -------------------------------------------------------------------------------
+
+    def _pass_through(self, inputs: dict) -> None:
+        """No image and no cached image: nothing to trim, Mllama skips its cross-attention layers."""
+        ids = inputs.get("input_ids")
+        batch = int((ids if ids is not None else inputs["inputs_embeds"]).shape[0])
+        self.plan = None
+        self.kept = [torch.zeros(0, dtype=torch.long) for _ in range(batch)]
+        zeros = [0] * batch
+        self.stats = TrimStats(
+            image_tokens_before=zeros,
+            image_tokens_valid=zeros,
+            image_tokens_after=zeros,
+            extra_tokens=zeros,
+            sample_cross_kv_bytes_before=zeros,
+            sample_cross_kv_bytes_after=zeros,
+        )
 
     def _image_tokens(self, prefill: _Prefill) -> ImageTokens:
         if prefill.query is None or prefill.key is None:

@@ -178,14 +178,18 @@ def load_image(path: str):
     file = Path(path)
     if not file.exists():
         raise CommandError(f"image file not found: {path}")
-    if not file.is_file():
+    if file.is_dir():
         raise CommandError(f"not an image file: {path} is a directory")
+    if not file.is_file():
+        raise CommandError(f"not an image file: {path} is not a regular file (a device, pipe or socket)")
     try:
         with Image.open(file) as image:
             image.load()
             return image.convert("RGB")
     except UnidentifiedImageError:
         raise CommandError(f"not an image: {path} (unrecognised image format)") from None
+    except Image.DecompressionBombError as error:
+        raise CommandError(f"refused image {path}: {_first_line(error)}") from None
     except OSError as error:
         raise CommandError(f"cannot read image {path}: {_first_line(error)}") from None
 

@@ -22,7 +22,11 @@ from .options import CommandError, default_model, load_image, load_model, method
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("input")
     group.add_argument(
-        "--image", action="append", required=True, metavar="FILE", help="image file (repeatable: several images, one prompt)"
+        "--image",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="image file (repeatable: several images, one prompt); without one the prompt runs text-only, as untrimmed",
     )
     group.add_argument("--prompt", required=True, help="the question or instruction about the image(s)")
     group.add_argument(
@@ -95,7 +99,9 @@ class Generation:
         stats = self.stats
         before, valid, after = stats.image_tokens_before[0], stats.image_tokens_valid[0], stats.image_tokens_after[0]
         tokens = f"image tokens {before}" + (f" ({valid} in real tiles)" if valid != before else "")
-        if self.method is None:
+        if before == 0:
+            tokens = "no image (text-only, nothing to trim)"
+        elif self.method is None:
             tokens += f" -> {after} (untrimmed)"
         else:
             extra = f" + {stats.extra_tokens[0]} remainder" if stats.extra_tokens[0] else ""
@@ -145,7 +151,8 @@ def run(args: argparse.Namespace) -> Generation:
     check_settings(method, inputs, num_patches)
 
     model_inputs = {name: value.to(device) for name, value in inputs.items()}
-    model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model.dtype)
+    if images:
+        model_inputs["pixel_values"] = model_inputs["pixel_values"].to(model.dtype)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     with torch.no_grad():
         if method is None:
@@ -183,7 +190,8 @@ def prompt_text(processor, source: str, prompt: str, num_images: int, chat_templ
     if is_testbed(source):
         from ..testbed import build_prompt
 
-        return image_token * (num_images - 1) + build_prompt(processor, prompt)
+        text = build_prompt(processor, prompt)  # starts with one image token
+        return image_token * (num_images - 1) + text if num_images else text.removeprefix(image_token)
     template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
     if chat_template == "on" and template is None:
         raise CommandError(f"--chat-template on: the processor of {source} has no chat template")
@@ -203,7 +211,9 @@ def build_inputs(processor, source: str, images: list, prompt: str, chat_templat
     logging.set_verbosity_error()  # a too long prompt is reported once, by `check_lengths`
     try:
         # the text already starts with <|begin_of_text|> (or the processor adds it): no second BOS
-        return dict(processor(images=[images], text=[text], add_special_tokens=False, return_tensors="pt"))
+        return dict(
+            processor(images=[images] if images else None, text=[text], add_special_tokens=False, return_tensors="pt")
+        )
     except (ValueError, TypeError, OSError) as error:
         raise CommandError(f"the processor could not prepare the image(s) and prompt: {error}") from None
     finally:
@@ -225,7 +235,7 @@ def check_lengths(model, inputs: dict, max_new_tokens: int) -> None:
 
 def check_settings(method: SelectionMethod | None, inputs: dict, num_patches: int) -> None:
     """Refuse a per-head count or budget larger than the image tokens there are to keep."""
-    if method is None:
+    if method is None or "aspect_ratio_mask" not in inputs:  # text-only: nothing is trimmed
         return
     available = int(inputs["aspect_ratio_mask"].sum()) * num_patches
     inner = getattr(method, "method", method)  # MergeRemainder wraps the method that selects
@@ -240,12 +250,16 @@ def check_settings(method: SelectionMethod | None, inputs: dict, num_patches: in
 
 def valid_token_indices(inputs: dict, num_patches: int) -> torch.Tensor:
     """1-D LongTensor: indices of the image tokens of real (non-padding) tiles on the flattened axis."""
+    if "aspect_ratio_mask" not in inputs:
+        return torch.zeros(0, dtype=torch.long)
     tile_valid = inputs["aspect_ratio_mask"][0].bool()  # (images, tiles)
     return torch.nonzero(tile_valid.flatten().repeat_interleave(num_patches)).flatten()
 
 
 def untrimmed_stats(model, inputs: dict, cache, num_patches: int) -> TrimStats:
-    """Stats of an untrimmed run: every image token is cached, bytes read off the cache."""
+    """Stats of an untrimmed run: every image token is cached, bytes read off the cache (all 0 text-only)."""
+    if "pixel_values" not in inputs:
+        return TrimStats([0], [0], [0], [0], 0, 0, [0], [0])
     images, tiles = inputs["pixel_values"].shape[1:3]
     total = int(images * tiles * num_patches)
     layers = model.config.text_config.cross_attention_layers

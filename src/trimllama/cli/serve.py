@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import os
+import socket
 import sys
+from pathlib import Path
 
 from .options import CommandError, add_method_options, add_model_options, load_model, method_from_args
 
@@ -27,7 +30,11 @@ def register(subparsers) -> argparse.ArgumentParser:
     server = parser.add_argument_group("server")
     server.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1, this machine only)")
     server.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    server.add_argument("--served-model-name", default=None, help="model id in the API (default: --model, or trimllama-testbed)")
+    server.add_argument(
+        "--served-model-name",
+        default=None,
+        help="model id in the API (default: a hub id as given, a local directory's name, or trimllama-testbed)",
+    )
     server.add_argument(
         "--api-key",
         default=None,
@@ -41,11 +48,27 @@ def register(subparsers) -> argparse.ArgumentParser:
     server.add_argument(
         "--default-max-tokens", type=int, default=512, help="completion length when a request sets none (default 512)"
     )
+    server.add_argument(
+        "--max-text-chars",
+        type=int,
+        default=512 * 1024,
+        help="characters of text per request, checked before tokenizing; more is answered 413 (default 524288)",
+    )
+    server.add_argument(
+        "--encode-workers",
+        type=int,
+        default=2,
+        help="requests whose images are decoded and prompt tokenized at once; this bounds their memory (default 2)",
+    )
     limits = parser.add_argument_group("image limits")
     limits.add_argument("--max-images", type=int, default=2, help="images per request (default 2)")
     limits.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="bytes per image file (default 10 MiB)")
     limits.add_argument(
-        "--max-image-pixels", type=int, default=4096 * 4096, help="width x height per image (default 4096 x 4096)"
+        "--max-image-pixels",
+        type=int,
+        default=4096 * 4096,
+        help="width x height per image, read from the header before decoding (default 4096 x 4096; at most "
+        "PIL's decompression-bomb limit)",
     )
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -64,17 +87,23 @@ def run(args: argparse.Namespace) -> int:
     if method is None and args.trim_scoring_layer:
         raise CommandError("--trim-scoring-layer has no effect with --method none (the untrimmed model)")
     _check_positive(args)
-    config = ServeConfig(
-        model_name=args.served_model_name or args.model or TESTBED_MODEL_NAME,
-        method=method,
-        trim_scoring_layer=args.trim_scoring_layer,
-        api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
-        max_batch_size=args.max_batch_size,
-        batch_window_ms=args.batch_window_ms,
-        max_queue=args.max_queue,
-        default_max_tokens=args.default_max_tokens,
-        images=ImageLimits(args.max_image_bytes, args.max_image_pixels, args.max_images),
-    )
+    try:
+        config = ServeConfig(
+            model_name=served_model_name(args.served_model_name, args.model),
+            method=method,
+            trim_scoring_layer=args.trim_scoring_layer,
+            api_key=args.api_key or os.environ.get(API_KEY_VARIABLE) or None,
+            max_batch_size=args.max_batch_size,
+            batch_window_ms=args.batch_window_ms,
+            max_queue=args.max_queue,
+            default_max_tokens=args.default_max_tokens,
+            images=ImageLimits(args.max_image_bytes, args.max_image_pixels, args.max_images),
+            max_text_chars=args.max_text_chars,
+            encode_workers=args.encode_workers,
+        )
+    except ValueError as error:
+        raise CommandError(str(error).replace("max_pixels", "--max-image-pixels")) from None
+    listener = _bind(args.host, args.port)  # before loading the model: a busy port is reported at once
     model, processor, device = load_model(args)
     app = create_app(model, processor, config)
     if config.api_key is None and not _is_loopback(args.host):
@@ -89,12 +118,41 @@ def run(args: argparse.Namespace) -> int:
         f"window {config.batch_window_ms:g} ms) at http://{args.host}:{args.port}/v1",
         flush=True,
     )
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
+    server.run(sockets=[listener])
     return 0
 
 
+def served_model_name(served_model_name: str | None, model: str | None) -> str:
+    """The id the API publishes: as given, else a hub id as is, a local directory's name, or the testbed's."""
+    if served_model_name:
+        return served_model_name
+    if model is None:
+        return TESTBED_MODEL_NAME
+    local = Path(model).expanduser()
+    return local.resolve().name if local.exists() else model
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, or a CommandError naming why not."""
+    listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        reason = "the port is in use" if error.errno == errno.EADDRINUSE else error.strerror or str(error)
+        raise CommandError(f"cannot listen on {host}:{port}: {reason}") from None
+    listener.set_inheritable(True)
+    return listener
+
+
 def _check_positive(args: argparse.Namespace) -> None:
-    for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_images", "max_image_bytes", "max_image_pixels"):
+    for name in (
+        "max_batch_size", "max_queue", "default_max_tokens", "max_images", "max_image_bytes", "max_image_pixels",
+        "max_text_chars", "encode_workers",
+    ):  # fmt: skip
         if getattr(args, name) < 1:
             raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.batch_window_ms < 0:

@@ -23,11 +23,17 @@ def register(subparsers) -> argparse.ArgumentParser:
     run_model.add_prompt_options(parser)
     parser.add_argument("--out", required=True, metavar="PNG", help="where to write the figure (a .png path)")
     parser.add_argument(
-        "--tile-px", type=int, default=None, help="displayed tile size in pixels (default: enlarged to >= 320)"
+        "--tile-px",
+        type=int,
+        default=None,
+        help=f"displayed tile size in pixels, 16 to {MAX_TILE_PX} (default: enlarged to >= 320)",
     )
     add_model_options(parser)
     add_method_options(parser)
     return parser
+
+
+MAX_TILE_PX = 1024  # a figure holds up to images x 4 tiles of this size: tens of MB of RGB, not tens of GB
 
 
 def check_output(path: str, tile_px: int | None) -> Path:
@@ -37,14 +43,16 @@ def check_output(path: str, tile_px: int | None) -> Path:
         raise CommandError(f"--out {path}: the figure is a PNG, give a path ending in .png")
     if not out.parent.is_dir():
         raise CommandError(f"--out {path}: directory {out.parent} does not exist")
-    if tile_px is not None and tile_px < 16:
-        raise CommandError(f"--tile-px must be at least 16, got {tile_px}")
+    if tile_px is not None and not 16 <= tile_px <= MAX_TILE_PX:
+        raise CommandError(f"--tile-px must be between 16 and {MAX_TILE_PX}, got {tile_px}")
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     from ..visualize import render_kept
 
+    if not args.image:
+        raise CommandError("show draws the kept patches on the image(s): give at least one --image")
     out = check_output(args.out, args.tile_px)
     generation = run_model.run(args)
     record = generation.record()

@@ -140,6 +140,17 @@ def check_budget(budget: int | None) -> None:
         raise InvalidSettingError(f"budget={budget} is out of range: it must be >= 1 token per sample")
 
 
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def check_seed(name: str, seed: int) -> None:
+    """Validate a seed for `torch.Generator.manual_seed`: an int in SEED_RANGE."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidSettingError(f"{name} must be an int, got {seed!r}")
+    if not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise InvalidSettingError(f"{name}={seed} is out of range: a seed must lie in [-2**63, 2**64 - 1]")
+
+
 def budget_counts(budget: int, tokens: ImageTokens) -> torch.Tensor:
     """(batch,) long counts for a fixed budget: `budget`, or all non-padding tokens of a smaller sample."""
     available = tokens.num_valid

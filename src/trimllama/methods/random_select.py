@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InvalidSettingError
 from ..selection import counts_from_setting, random_keep
-from .base import ImageTokens, SelectionMethod, budget_counts, check_budget, check_count_or_fraction
+from .base import ImageTokens, SelectionMethod, budget_counts, check_budget, check_count_or_fraction, check_seed
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RandomSelect(SelectionMethod):
     def __post_init__(self) -> None:
         check_count_or_fraction("ratio", self.ratio)
         check_budget(self.budget)
+        check_seed("seed", self.seed)
         if self.like is not None and not isinstance(self.like, SelectionMethod):
             raise InvalidSettingError(f"like must be a selection method, got {self.like!r}")
 

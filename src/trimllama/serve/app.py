@@ -5,35 +5,42 @@
     GET  /health                liveness and queue state
     GET  /metrics               Prometheus text format
 
-The event loop parses, checks and encodes requests (encoding in the thread pool) and streams
-results; generation runs in the batcher's single thread.
+The event loop parses and checks requests and streams results; images are decoded and prompts
+tokenized by `encode_workers` threads, each with its own copy of the processor (no lock shared
+between requests, so a long text does not hold up a short one); generation runs in the batcher's
+single thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import secrets
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .batcher import Batcher, QueueFullError
 from .batcher import Request as Job
+from ..errors import InvalidSettingError
+from ..methods.base import check_seed
 from .config import ServeConfig
-from .errors import APIError
+from .errors import APIError, invalid
 from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
 from .schemas import ChatCompletionRequest, TrimSetting, parse_request, resolve_trim
+
+CHAT_PATH = "/v1/chat/completions"
 
 
 def create_app(model, processor, config: ServeConfig) -> FastAPI:
@@ -44,19 +51,40 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
     default_setting = TrimSetting(config.method, config.trim_scoring_layer)
     started = int(time.time())
 
+    encoders = ThreadPoolExecutor(config.encode_workers, thread_name_prefix="trimllama-encode")
+    encoding = 0  # requests being encoded or waiting for an encoder; only touched on the event loop
+    local = threading.local()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         yield
         batcher.stop()
-
-    processor_lock = threading.Lock()  # a fast tokenizer may not be called from two threads at once
+        encoders.shutdown(wait=False, cancel_futures=True)
 
     def encode(chat: ChatCompletionRequest) -> EncodedPrompt:
-        """Decode the images, then render and tokenize the prompt (in the thread pool)."""
+        """Decode the images, then render and tokenize the prompt (in an encoder thread)."""
+        if not hasattr(local, "processor"):  # a fast tokenizer may not be called from two threads at once
+            local.processor = copy.deepcopy(processor)
         conversation = build_conversation(chat.messages, config.images)
-        with processor_lock:
-            return encode_conversation(processor, conversation)
+        return encode_conversation(local.processor, conversation)
+
+    async def encode_bounded(chat: ChatCompletionRequest) -> EncodedPrompt:
+        """`encode` on an encoder thread; 503 when `max_queue` requests wait for one already."""
+        nonlocal encoding
+        if encoding >= config.encode_workers + config.max_queue:
+            raise APIError(
+                503,
+                f"the server is busy: {encoding} requests are being encoded or wait for it "
+                f"(--encode-workers {config.encode_workers}, --max-queue {config.max_queue}); retry shortly",
+                code="encoders_busy",
+                headers={"Retry-After": "1"},
+            )
+        encoding += 1
+        try:
+            return await asyncio.wrap_future(encoders.submit(encode, chat))
+        finally:
+            encoding -= 1
 
     def require_api_key(request: Request) -> None:
         if config.api_key is None:
@@ -84,9 +112,16 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, error: APIError) -> JSONResponse:
-        outcome = "rejected" if error.status == 503 else "invalid" if error.status < 500 else "failed"
-        metrics.requests.labels(outcome).inc()
+        if request.url.path == CHAT_PATH:  # the metric counts chat completion requests only
+            outcome = "rejected" if error.status == 503 else "invalid" if error.status < 500 else "failed"
+            metrics.requests.labels(outcome).inc()
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        """A bug, not bad input: the OpenAI error shape and the metrics still (Starlette logs the traceback)."""
+        failure = APIError(500, f"internal error ({type(error).__name__}: {error})"[:500], code="internal_error")
+        return await api_error(request, failure)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -112,10 +147,11 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.post("/v1/chat/completions")
+    @app.post(CHAT_PATH)
     async def chat_completions(request: Request) -> Response:
         received = time.monotonic()
         chat = parse_request(await _read_body(request, config.max_body_bytes))
+        _check_text_length(chat, config.max_text_chars)
         if chat.model is not None and chat.model != config.model_name:
             raise APIError(
                 404,
@@ -124,16 +160,18 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
                 code="model_not_found",
             )
         setting = resolve_trim(chat.trim, default_setting)
-        prompt: EncodedPrompt = await run_in_threadpool(encode, chat)
+        sampling_seed = _checked_seed(chat.seed)
+        prompt: EncodedPrompt = await encode_bounded(chat)
         max_tokens = check_prompt_length(
             prompt.prompt_tokens, chat.requested_max_tokens, engine.context_length, config.default_max_tokens
         )
         job = Job(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt=prompt,
-            sampling=_sampling(chat, max_tokens, engine.default_sampling),
+            sampling=_sampling(chat, max_tokens, engine.default_sampling, sampling_seed),
             setting=setting,
             loop=asyncio.get_running_loop(),
+            stream=chat.stream,
         )
         try:
             batcher.submit(job)
@@ -219,17 +257,40 @@ async def _wait_for_disconnect(request: Request) -> None:
 
 
 async def _final_event(job: Job) -> tuple[str, object]:
-    """Skip the deltas; ("done", RowResult) or ("error", APIError)."""
-    while True:
-        kind, payload = await job.events.get()
-        if kind != "delta":
-            return kind, payload
+    """("done", RowResult) or ("error", APIError): a non-streaming request gets no deltas."""
+    return await job.events.get()
 
 
-def _sampling(chat: ChatCompletionRequest, max_tokens: int, defaults: tuple[float, float]) -> SamplingParams:
+def _sampling(chat: ChatCompletionRequest, max_tokens: int, defaults: tuple[float, float], seed: int | None) -> SamplingParams:
     temperature = float(chat.temperature) if chat.temperature is not None else defaults[0]
     top_p = float(chat.top_p) if chat.top_p is not None else defaults[1]
-    return SamplingParams(max_tokens, temperature, top_p, chat.seed, tuple(chat.stop_sequences))
+    return SamplingParams(max_tokens, temperature, top_p, seed, tuple(chat.stop_sequences))
+
+
+def _checked_seed(seed: int | None) -> int | None:
+    """The request's seed, or a 400 when torch cannot seed a generator with it."""
+    if seed is not None:
+        try:
+            check_seed("seed", seed)
+        except InvalidSettingError as error:
+            raise invalid(f"'seed': {error}", "seed", "invalid_value") from None
+    return seed
+
+
+def _check_text_length(chat: ChatCompletionRequest, limit: int) -> None:
+    """413 when the messages hold more than `limit` characters of text (before any tokenizing)."""
+    total = 0
+    for message in chat.messages:
+        parts = [message.content] if isinstance(message.content, str) else message.content or []
+        total += sum(len(part) if isinstance(part, str) else len(getattr(part, "text", "")) for part in parts)
+    if total > limit:
+        raise APIError(
+            413,
+            f"'messages': {total} characters of text exceed the limit of {limit} characters per request "
+            "(--max-text-chars)",
+            param="messages",
+            code="text_too_large",
+        )
 
 
 def _usage(result: RowResult) -> dict:

@@ -7,7 +7,9 @@ Requests that arrive while a batch runs wait for the next one. Output travels ba
 event loop through `loop.call_soon_threadsafe`, so the asyncio side never touches the model.
 
 Faults stay with their request: if a batch raises, each of its requests that has not streamed
-any text yet is run again alone, and only those that fail alone get the error.
+any text yet (every non-streaming request, and streaming ones still before their first delta)
+is run again alone, and only those that fail alone get the error. A streaming request that had
+sent text gets the error, since text already sent cannot be taken back.
 """
 
 from __future__ import annotations
@@ -39,8 +41,8 @@ class QueueFullError(Exception):
 class Request:
     """One chat completion on its way through the batcher; the engine's `Job`.
 
-    Events for the event loop, in its queue `events`: ("delta", str), then ("done", RowResult)
-    or ("error", APIError).
+    Events for the event loop, in its queue `events`: ("delta", str) for a streaming request,
+    then ("done", RowResult) or ("error", APIError). `emitted` is set once a delta went out.
     """
 
     id: str
@@ -48,6 +50,7 @@ class Request:
     sampling: SamplingParams
     setting: TrimSetting
     loop: asyncio.AbstractEventLoop
+    stream: bool = False
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     arrival: float = field(default_factory=time.monotonic)
     started: float | None = None
@@ -64,6 +67,8 @@ class Request:
         return self._cancel.is_set()
 
     def delta(self, text: str) -> None:
+        if not self.stream:  # its text travels in the final result; it can still be re-run after a fault
+            return
         self.emitted = True
         self._send(("delta", text))
 

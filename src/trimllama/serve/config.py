@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from PIL import Image
+
 from ..methods import SelectionMethod
 
 
@@ -13,7 +15,8 @@ class ImageLimits:
 
     Attributes:
         max_bytes: decoded bytes of one image file.
-        max_pixels: width x height of one image, checked from its header before any pixel is decoded.
+        max_pixels: width x height of one image, checked from its header before any pixel is decoded; at
+            most PIL's own decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`), which PIL enforces first.
         max_images: images in one request (all messages together).
     """
 
@@ -36,6 +39,11 @@ class ServeConfig:
         max_queue: requests waiting for a batch; one more is answered 503.
         default_max_tokens: completion length when a request gives no `max_tokens` (capped by the context).
         images: per-request image limits.
+        max_text_chars: characters of text in one request (all messages), checked before tokenizing (413).
+        encode_workers: requests whose images are decoded and prompt tokenized at the same time, each in
+            its own thread with its own processor: with the image and text limits, this bounds the
+            memory encoding takes (an image costs a few tens of bytes per pixel while it is processed).
+            Requests beyond wait for a worker, up to `max_queue` of them; one more is answered 503.
     """
 
     model_name: str
@@ -47,9 +55,11 @@ class ServeConfig:
     max_queue: int = 64
     default_max_tokens: int = 512
     images: ImageLimits = ImageLimits()
+    max_text_chars: int = 512 * 1024
+    encode_workers: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "default_max_tokens"):
+        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_text_chars", "encode_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0:
@@ -57,8 +67,17 @@ class ServeConfig:
         for name in ("max_bytes", "max_pixels", "max_images"):
             if getattr(self.images, name) < 1:
                 raise ValueError(f"image limit {name} must be >= 1, got {getattr(self.images, name)}")
+        if Image.MAX_IMAGE_PIXELS is not None and self.images.max_pixels > Image.MAX_IMAGE_PIXELS:
+            raise ValueError(
+                f"max_pixels must be at most {Image.MAX_IMAGE_PIXELS} (PIL's decompression-bomb limit), "
+                f"got {self.images.max_pixels}"
+            )
+        key = self.api_key
+        if key is not None and not (key and key.isascii() and key.isprintable() and key == key.strip()):
+            raise ValueError("the API key must be printable ASCII without surrounding spaces (HTTP headers carry ASCII)")
 
     @property
     def max_body_bytes(self) -> int:
-        """Largest request body accepted: every image at its byte limit, base64-encoded, plus 1 MiB of text."""
-        return self.images.max_images * (self.images.max_bytes * 4 // 3 + 4) + 2**20
+        """Largest request body accepted: every image at its byte limit, base64-encoded, the text at its
+        character limit with every character JSON-escaped (6 bytes), and 1 MiB for the rest."""
+        return self.images.max_images * (self.images.max_bytes * 4 // 3 + 4) + 6 * self.max_text_chars + 2**20

@@ -3,9 +3,9 @@
 Written out instead of calling `model.generate()` so that every row has its own sampling
 settings and `torch.Generator`, its own `max_tokens` and stop sequences, streams its text as it
 is produced, and can be cancelled alone. The inputs of every forward pass are the ones
-`generate()` builds for Mllama (left padding, position ids from the attention mask, the last
-cross-attention mask row on decode steps, `logits_to_keep=1`), so greedy tokens equal
-`generate()`'s. A finished or cancelled row stays in the batch (fed padding, its output
+`generate()` builds for Mllama (left padding, position ids from the attention mask on the
+prefill and on every decode step, the last cross-attention mask row on decode steps,
+`logits_to_keep=1`), so greedy tokens equal `generate()`'s, batched or alone. A finished or cancelled row stays in the batch (fed padding, its output
 ignored) until every row is done: this is request-level batching, not iteration-level.
 """
 
@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from ..handle import TrimHandle, trim
 from .prompts import EncodedPrompt, collate
@@ -24,7 +25,8 @@ from .schemas import TrimSetting
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one request picks its tokens. temperature 0 is greedy (argmax)."""
+    """How one request picks its tokens. temperature 0 is greedy (argmax); any temperature > 0 samples,
+    and a tiny one tends exactly to greedy (see `sample_token`), never to NaN."""
 
     max_tokens: int
     temperature: float = 0.0
@@ -160,6 +162,7 @@ class _Row:
     job: Job
     stream: TextStream
     generator: torch.Generator | None
+    warpers: LogitsProcessorList | None
     finish_reason: str | None = None
     done: bool = False
     completion_tokens: int = field(default=0)
@@ -201,14 +204,19 @@ class Engine:
         batch = {key: value.to(self.device) for key, value in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        rows = [_Row(job, TextStream(self.tokenizer, job.sampling.stop), self._generator(job.sampling)) for job in jobs]
+        rows = [
+            _Row(job, TextStream(self.tokenizer, job.sampling.stop), self._generator(job.sampling), _warpers(job.sampling))
+            for job in jobs
+        ]
         trimmed = setting.method is not None and "pixel_values" in batch
         context = trim(self.model, setting.method, trim_scoring_layer=setting.trim_scoring_layer) if trimmed else None
         with context if context is not None else contextlib.nullcontext():
-            logits, cache = self._forward(batch, past_key_values=None)
-            reports = self._trim_reports(batch, context, setting)
             attention_mask = batch["attention_mask"]
-            positions = attention_mask.sum(dim=-1, keepdim=True) - 1  # (batch, 1)
+            # as generate(): positions count the row's own tokens, so left padding shifts nothing
+            prefill_positions = (attention_mask.cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
+            logits, cache = self._forward({**batch, "position_ids": prefill_positions}, past_key_values=None)
+            reports = self._trim_reports(batch, context, setting)
+            positions = prefill_positions[:, -1:]  # (batch, 1)
             cross_mask = batch.get("cross_attention_mask")
             while True:
                 tokens = self._next_tokens(logits, rows)
@@ -243,6 +251,7 @@ class Engine:
         return output.logits[:, -1, :].float(), output.past_key_values
 
     def _generator(self, sampling: SamplingParams) -> torch.Generator | None:
+        """The row's own generator (generate() has one global RNG; rows here need their own seeds)."""
         if sampling.temperature == 0:
             return None
         generator = torch.Generator(device=self.device)
@@ -259,7 +268,7 @@ class Engine:
             if row.done:
                 tokens[index] = self.pad_id
             elif row.generator is not None:
-                tokens[index] = sample_token(logits[index], row.job.sampling, row.generator)
+                tokens[index] = sample_token(logits[index], row.warpers, row.generator)
         return tokens
 
     def _advance(self, rows: list[_Row], tokens: torch.Tensor) -> None:
@@ -301,11 +310,23 @@ class Engine:
         return reports
 
 
-def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
-    """Draw one token from (vocab,) float32 logits with temperature and nucleus (top-p) filtering."""
-    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+def _warpers(sampling: SamplingParams) -> LogitsProcessorList | None:
+    """transformers' temperature and top-p warpers of one sampling row; None when greedy."""
+    if sampling.temperature == 0:
+        return None
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(float(sampling.temperature))])
     if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= sampling.top_p  # the top token is always kept
-        probs = torch.zeros_like(probs).scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+        warpers.append(TopPLogitsWarper(float(sampling.top_p)))
+    return warpers
+
+
+def sample_token(logits: torch.Tensor, warpers: LogitsProcessorList, generator: torch.Generator) -> int:
+    """Draw one token from (vocab,) float32 logits, warped by `warpers`, with the row's own generator.
+
+    The logits are shifted so that their maximum is 0, and taken to float64 (where any temperature a
+    request can send is non-zero), before the temperature divides them: the distribution is the same,
+    and a tiny temperature sends the other logits to -inf (probability 0, the exact greedy limit, ties
+    shared) instead of overflowing the maximum to +inf and softmax to NaN.
+    """
+    scores = warpers(None, (logits - logits.max()).double()[None, :])  # (1, vocab)
+    return int(torch.multinomial(scores.softmax(dim=-1)[0], 1, generator=generator))

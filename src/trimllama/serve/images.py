@@ -89,7 +89,7 @@ def _open_image(raw: bytes, limits: ImageLimits, param: str) -> Image.Image:
         raise APIError(
             413,
             f"{param}: refused as a decompression bomb, beyond the limit of {limits.max_pixels} pixels per image "
-            f"(--max-image-pixels): {error}",
+            f"(--max-image-pixels; PIL: {error})",
             param=param,
             code="image_too_large",
         ) from None

@@ -124,7 +124,7 @@ def parse_request(body: bytes) -> ChatCompletionRequest:
     """Parse and check a request body; an APIError (400) names the first problem."""
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also nesting too deep, integers too long to convert
         raise invalid(f"the request body is not valid JSON ({error})", code="invalid_json") from None
     if not isinstance(data, dict):
         raise invalid(f"the request body must be a JSON object, got {type(data).__name__}", code="invalid_json")

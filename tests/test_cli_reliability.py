@@ -1,0 +1,102 @@
+"""The console script on careless and hostile input (issue 15): text-only prompts, and one line + exit 2
+for every bad input the probe found. Runs `trimllama` as a subprocess on the shipped testbed."""
+
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from trimllama.testbed import CHECKPOINT_DIR, make_questions
+
+SCRIPT = Path(sys.executable).parent / "trimllama"
+ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+PROMPT = "what color is the circle ?"
+
+pytestmark = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
+)
+
+
+def run_scripts(commands: dict[str, list[str]]) -> dict[str, subprocess.CompletedProcess]:
+    def run(args):
+        return subprocess.run([str(SCRIPT), *args], capture_output=True, text=True, env=ENV, timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {name: pool.submit(run, args) for name, args in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_generate_without_an_image_runs_text_only_as_untrimmed():
+    runs = run_scripts(
+        {
+            "trimmed": ["generate", "--prompt", PROMPT, "--json", "--head-k", "0.1", "--max-new-tokens", "6"],
+            "untrimmed": ["generate", "--prompt", PROMPT, "--json", "--method", "none", "--max-new-tokens", "6"],
+        }
+    )
+    records = {}
+    for name, result in runs.items():
+        assert result.returncode == 0, result.stderr
+        records[name] = json.loads(result.stdout)
+    trimmed, untrimmed = records["trimmed"], records["untrimmed"]
+    assert trimmed["answer"] == untrimmed["answer"] and trimmed["new_tokens"] == untrimmed["new_tokens"] >= 1
+    for record in (trimmed, untrimmed):
+        assert record["image_tokens_before"] == record["image_tokens_after"] == record["extra_tokens"] == 0
+        assert record["cross_kv_bytes_before"] == record["cross_kv_bytes_after"] == 0
+    assert trimmed["method"]["name"] == "headwise_topk"
+
+
+BAD_INPUTS = {
+    "decompression bomb": (["generate", "--image", "{folder}/bomb.png"], r"refused image .*bomb\.png: .*decompression bomb"),
+    "device file": (["generate", "--image", "/dev/zero"], r"not an image file: /dev/zero is not a regular file"),
+    "directory": (["generate", "--image", "{folder}"], r"not an image file: .* is a directory"),
+    "seed out of int64": (
+        ["generate", "--image", "{image}", "--method", "random", "--param", "seed=99999999999999999999999"],
+        r"seed=99999999999999999999999 is out of range",
+    ),
+    "show without an image": (["show", "--out", "{folder}/x.png"], r"give at least one --image"),
+    "show tile-px too large": (
+        ["show", "--image", "{image}", "--out", "{folder}/x.png", "--tile-px", "100000"],
+        r"--tile-px must be between 16 and 1024, got 100000",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def bad_runs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad")
+    image = folder / "image.png"
+    make_questions(1, seed=5, qtypes=("color",))[0].image.save(image)
+    (folder / "bomb.png").write_bytes(bomb_png(60000, 60000))
+    commands = {
+        name: [arg.format(folder=folder, image=image) for arg in args] + ["--prompt", PROMPT]
+        for name, (args, _) in BAD_INPUTS.items()
+    }
+    return run_scripts(commands)
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_bad_input_is_one_line_and_exit_2(bad_runs, name):
+    result = bad_runs[name]
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.fullmatch(r"trimllama (generate|show): error: .*", lines[0])
+    assert re.search(BAD_INPUTS[name][1], lines[0]), lines[0]
+    assert result.stdout == ""

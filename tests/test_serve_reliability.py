@@ -1,0 +1,264 @@
+"""`trimllama serve` from outside, on a model whose answers run many tokens (issue 15).
+
+One server starts for the module, with the official `openai` client against it: a copy of the
+testbed with a random output layer (`tests/multitoken.py`), saved to a local directory that
+`--model` loads. Concurrent answers must equal lone answers and `model.generate` alone, untrimmed
+and trimmed; text-only prompts pass through; a huge text does not hold up a small request; and
+every bad input the probe found gets the OpenAI error shape. Also the `serve` command's own
+one-line errors (busy port, limits, API key). About a minute on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+from trimllama import HeadwiseTopK, trim  # noqa: E402
+from trimllama.serve.config import ServeConfig  # noqa: E402
+from trimllama.serve.prompts import Conversation, encode_conversation  # noqa: E402
+from trimllama.testbed import CHECKPOINT_DIR, make_questions  # noqa: E402
+
+from multitoken import multitoken_testbed, save_multitoken_testbed  # noqa: E402
+from serving import TIMEOUT, Server, data_url, metric, png_bytes  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
+)
+
+API_KEY = "reliability-key"
+MODEL_DIR_NAME = "multitoken-testbed"
+REQUESTS = 16
+TRIMMED = {"method": "headwise_topk", "head_k": 0.25}
+MAX_TEXT_CHARS = 4_000_000
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return save_multitoken_testbed(tmp_path_factory.mktemp("models") / MODEL_DIR_NAME, seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint):
+    server = Server(
+        "--model", str(checkpoint), "--max-batch-size", "16", "--batch-window-ms", "300",
+        "--max-text-chars", str(MAX_TEXT_CHARS), api_key=API_KEY,
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, timeout=TIMEOUT, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    return multitoken_testbed(seed=0)
+
+
+@pytest.fixture(scope="module")
+def questions():
+    return make_questions(REQUESTS, seed=11)
+
+
+def images_of(index: int) -> int:
+    return 1 + index % 3 // 2
+
+
+def max_tokens(index: int) -> int:
+    return 8 + 2 * (index % 4)
+
+
+def messages(question, images: int) -> list[dict]:
+    url = data_url(png_bytes(question.image))
+    parts = [{"type": "image_url", "image_url": {"url": url}} for _ in range(images)]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question.question}]}]
+
+
+def ask(client, index: int, question, trim_options: dict, **kwargs):
+    return client.chat.completions.create(
+        model=MODEL_DIR_NAME,
+        messages=messages(question, images_of(index)),
+        max_tokens=max_tokens(index),
+        temperature=0,
+        extra_body={"trim": trim_options},
+        **kwargs,
+    )
+
+
+def generate_alone(testbed, conversation: Conversation, tokens: int, method=None) -> str:
+    model, processor = testbed
+    inputs = encode_conversation(processor, conversation).inputs
+    with torch.no_grad(), trim(model, method) if method is not None else contextlib.nullcontext():
+        output = model.generate(**inputs, max_new_tokens=tokens, do_sample=False)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def conversation_of(question, images: int) -> Conversation:
+    parts = [{"type": "image"}] * images + [{"type": "text", "text": question.question}]
+    return Conversation([{"role": "user", "content": parts}], [question.image] * images)
+
+
+def test_a_local_model_directory_is_published_by_its_name(client):
+    assert [model.id for model in client.models.list().data] == [MODEL_DIR_NAME]
+
+
+@pytest.mark.parametrize("trim_options", [{"method": "none"}, TRIMMED], ids=["untrimmed", "trimmed"])
+def test_16_concurrent_requests_equal_their_lone_answers_and_generate(server, client, testbed, questions, trim_options):
+    method = None if trim_options["method"] == "none" else HeadwiseTopK(head_k=trim_options["head_k"])
+    expected = [
+        generate_alone(testbed, conversation_of(q, images_of(i)), max_tokens(i), method) for i, q in enumerate(questions)
+    ]
+    assert len(set(expected)) >= REQUESTS - 2, "answers must differ between prompts, or the comparison is vacuous"
+    lone = [ask(client, i, q, trim_options) for i, q in enumerate(questions)]
+    assert [r.usage.completion_tokens for r in lone] == [max_tokens(i) for i in range(REQUESTS)]
+    assert [r.choices[0].message.content for r in lone] == expected
+    before = server.get("/metrics").text
+    with ThreadPoolExecutor(max_workers=REQUESTS) as pool:
+        futures = [pool.submit(ask, client, i, q, trim_options) for i, q in enumerate(questions)]
+        answers = [future.result(timeout=TIMEOUT).choices[0].message.content for future in futures]
+    after = server.get("/metrics").text
+    differing = [index for index in range(REQUESTS) if answers[index] != expected[index]]
+    assert not differing, f"concurrent != lone for requests {differing}"
+    batches = metric(after, "trimllama_batch_size_count") - metric(before, "trimllama_batch_size_count")
+    assert batches <= REQUESTS // 2, f"{batches:.0f} batches for {REQUESTS} requests: too little batching to test"
+
+
+def test_text_only_requests_pass_through_trimming(client, testbed):
+    text = "what color is the circle ?"
+    expected = generate_alone(testbed, Conversation([{"role": "user", "content": text}], []), 10)
+    for options in (TRIMMED, {"method": "none"}, {"method": "random", "head_k": 0.1}):
+        response = client.chat.completions.create(
+            model=MODEL_DIR_NAME,
+            messages=[{"role": "user", "content": text}],
+            max_tokens=10,
+            temperature=0,
+            extra_body={"trim": options},
+        )
+        assert response.choices[0].message.content == expected
+        report = response.model_extra["trim"]
+        assert report["image_tokens_before"] == report["image_tokens_after"] == report["extra_tokens"] == 0
+        assert report["cross_attention_cache_bytes_saved"] == 0
+
+
+def test_a_tiny_temperature_answers_greedily(client, questions):
+    greedy = ask(client, 0, questions[0], TRIMMED).choices[0].message.content
+    for temperature in (1e-38, 5e-324):
+        response = client.chat.completions.create(
+            model=MODEL_DIR_NAME,
+            messages=messages(questions[0], images_of(0)),
+            max_tokens=max_tokens(0),
+            temperature=temperature,
+            seed=1,
+            extra_body={"trim": TRIMMED},
+        )
+        assert response.choices[0].message.content == greedy
+
+
+def test_a_huge_text_does_not_hold_up_a_small_request(server, questions):
+    """The huge text is tokenized (seconds) and then refused as longer than the context; the small
+    request, sent while it is tokenized, must be answered first. Order, not time, is asserted."""
+    huge = {"model": MODEL_DIR_NAME, "messages": [{"role": "user", "content": "red square " * (MAX_TEXT_CHARS // 12)}]}
+    small = {"model": MODEL_DIR_NAME, "messages": messages(questions[1], 1), "max_tokens": 2}
+    finished: list[str] = []
+
+    def post(name: str, payload: dict) -> httpx.Response:
+        response = server.post("/v1/chat/completions", json=payload)
+        finished.append(name)
+        return response
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        huge_future = pool.submit(post, "huge", huge)
+        time.sleep(1.0)  # the huge body is sent and parsed; its tokenizing has begun
+        small_response = pool.submit(post, "small", small).result(timeout=TIMEOUT)
+        huge_response = huge_future.result(timeout=TIMEOUT)
+    assert small_response.status_code == 200, small_response.text
+    assert huge_response.status_code == 400 and "more than the model allows" in huge_response.json()["error"]["message"]
+    assert finished == ["small", "huge"]
+
+
+BAD = [
+    ("text over the limit", {"messages": [{"role": "user", "content": "x" * (MAX_TEXT_CHARS + 1)}]}, 413, "text_too_large"),
+    ("seed beyond int64", {"messages": [{"role": "user", "content": "hi"}], "seed": 2**70}, 400, "invalid_value"),
+    ("trim seed beyond int64", {"messages": [{"role": "user", "content": "hi"}],
+                                "trim": {"method": "random", "seed": 2**70}}, 400, "invalid_trim_setting"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("name, payload, status, code", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_the_openai_error_shape(server, name, payload, status, code):
+    response = server.post("/v1/chat/completions", json={"model": MODEL_DIR_NAME, **payload})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["code"] == code, error
+
+
+@pytest.mark.parametrize(
+    "name, body", [("deep arrays", b"[" * 100_000), ("a 5000-digit integer", b'{"seed": ' + b"7" * 5000 + b"}")]
+)
+def test_unparseable_json_is_a_400_in_the_openai_shape_and_counted(server, name, body):
+    before = metric(server.get("/metrics").text, 'trimllama_requests_total{outcome="invalid"}')
+    response = server.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "invalid_json"
+    assert metric(server.get("/metrics").text, 'trimllama_requests_total{outcome="invalid"}') == before + 1
+
+
+def test_unauthorised_get_requests_are_not_counted_as_chat_requests(server):
+    before = server.get("/metrics").text
+    for path in ("/health", "/v1/models", "/metrics"):
+        assert httpx.get(server.url + path, timeout=TIMEOUT).status_code == 401
+    after = server.get("/metrics").text
+    for outcome in ("invalid", "failed", "rejected"):
+        name = f'trimllama_requests_total{{outcome="{outcome}"}}'
+        assert metric(after, name) == metric(before, name), outcome
+
+
+def run_serve(*options: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-c", "import sys; from trimllama.cli import main; sys.exit(main())", "serve", *options]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("TRIMLLAMA_API_KEY", None)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--max-image-pixels", str(10**9)], r"--max-image-pixels must be at most \d+ \(PIL's decompression-bomb limit\)"),
+        (["--api-key", "clé"], r"the API key must be printable ASCII"),
+        (["--max-text-chars", "0"], r"--max-text-chars must be >= 1"),
+        (["--encode-workers", "0"], r"--encode-workers must be >= 1"),
+        (["--port", "{busy}"], r"cannot listen on 127\.0\.0\.1:\d+: the port is in use"),
+    ],
+)
+def test_serve_refuses_bad_settings_in_one_line(server, options, message):
+    result = run_serve(*[option.format(busy=server.port) for option in options])
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"trimllama serve: error: .*", lines[0]), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+def test_serve_config_refuses_a_key_that_no_header_can_carry():
+    for key in ("ключ", " padded ", ""):
+        with pytest.raises(ValueError, match="printable ASCII"):
+            ServeConfig("m", api_key=key)
+    assert ServeConfig("m", api_key="plain-key").api_key == "plain-key"
