@@ -14,9 +14,9 @@ import torch
 from PIL import Image
 
 from trimllama.cli import build_parser
-from trimllama.cli.run_model import prompt_text
+from trimllama.cli.answer import prompt_text
 from trimllama.testbed import CHECKPOINT_DIR, answer_matches, make_questions
-from trimllama.visualize import kept_patch_grid, tile_grids
+from trimllama.harness.visualize import kept_patch_grid, tile_grids
 
 SCRIPT = Path(sys.executable).parent / "trimllama"
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import trimllama
-from trimllama.evaluate import Arm, answer_questions, score
+from trimllama.harness.evaluate import Arm, answer_questions, score
 from trimllama.testbed import CHECKPOINT_DIR, answer_matches, build_prompt, load_testbed, make_questions
 
 pytestmark = pytest.mark.skipif(

@@ -26,7 +26,7 @@ from transformers import LlamaConfig  # noqa: E402
 
 from trimllama import HeadwiseTopK, MergeRemainder, RandomSelect  # noqa: E402
 from trimllama.cli import main  # noqa: E402
-from trimllama.evaluate import answer_questions  # noqa: E402
+from trimllama.harness.evaluate import answer_questions  # noqa: E402
 from trimllama.integrations import lmms_eval_manifest  # noqa: E402
 from trimllama.integrations.lmms_eval_model import (  # noqa: E402
     Decoding,

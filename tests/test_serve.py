@@ -31,7 +31,7 @@ from trimllama.serve.generation import Engine, SamplingParams, TextStream  # noq
 from trimllama.serve.images import decode_image_url  # noqa: E402
 from trimllama.serve.metrics import ServeMetrics  # noqa: E402
 from trimllama.serve.prompts import Conversation, collate, encode_conversation  # noqa: E402
-from trimllama.serve.schemas import TrimSetting  # noqa: E402
+from trimllama.serve.trimming import TrimSetting  # noqa: E402
 from trimllama.testbed import CHECKPOINT_DIR, answer_matches, load_testbed, make_questions  # noqa: E402
 
 from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes  # noqa: E402

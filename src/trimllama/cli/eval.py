@@ -52,7 +52,7 @@ def _parse_settings(text: str) -> list[float | int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..evaluate import answer_questions, build_arms, encode_questions, plot, score, uninformative_types, write_json
+    from ..harness.evaluate import answer_questions, build_arms, encode_questions, plot, score, uninformative_types, write_json
     from ..testbed import answer_matches, build_prompt, make_questions
 
     if args.questions < 1 or args.batch_size < 1:

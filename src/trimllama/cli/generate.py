@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import run_model
+from . import answer as run_model
 from .options import add_method_options, add_model_options
 
 

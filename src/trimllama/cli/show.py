@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from . import run_model
+from . import answer as run_model
 from .options import CommandError, add_method_options, add_model_options
 
 
@@ -49,7 +49,7 @@ def check_output(path: str, tile_px: int | None) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..visualize import render_kept
+    from ..harness.visualize import render_kept
 
     if not args.image:
         raise CommandError("show draws the kept patches on the image(s): give at least one --image")

@@ -38,7 +38,8 @@ from .errors import APIError, invalid
 from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
-from .schemas import ChatCompletionRequest, TrimSetting, parse_request, resolve_trim
+from .schemas import ChatCompletionRequest, parse_request
+from .trimming import TrimSetting, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
 

@@ -28,7 +28,7 @@ from .errors import APIError
 from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt
-from .schemas import TrimSetting
+from .trimming import TrimSetting
 
 logger = logging.getLogger("trimllama.serve")
 

@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 
 from ..handle import TrimHandle, trim
 from .prompts import EncodedPrompt, collate
-from .schemas import TrimSetting
+from .trimming import TrimSetting
 
 
 @dataclass(frozen=True)

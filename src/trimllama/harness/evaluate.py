@@ -16,8 +16,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from .handle import trim
-from .methods import METHODS, Floor, MergeRemainder, RandomSelect, SelectionMethod
+from ..handle import trim
+from ..methods import METHODS, Floor, MergeRemainder, RandomSelect, SelectionMethod
 
 UNTRIMMED, FLOOR = "untrimmed", "floor"
 
