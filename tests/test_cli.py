@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from trimllama.cli import build_parser
-from trimllama.cli.answer import prompt_text
+from trimllama.loading import prompt_text
 from trimllama.testbed import CHECKPOINT_DIR, answer_matches, make_questions
 from trimllama.harness.visualize import kept_patch_grid, tile_grids
 
@@ -190,18 +190,17 @@ def test_tile_grids_follow_the_processor(processor):
 
 
 @pytest.mark.parametrize(
-    "source, chat_template, expected",
+    "chat_template, expected",
     [
-        (str(CHECKPOINT_DIR), "off", "<|image|><|image|><|begin_of_text|>question : what is red ? answer :"),
-        ("meta-llama/Llama-3.2-11B-Vision-Instruct", "auto", "<|image|><|image|><|begin_of_text|>question : what is red ? answer :"),
-        ("meta-llama/Llama-3.2-11B-Vision", "auto", "<|image|><|image|><|begin_of_text|>What is red ?"),
-        ("meta-llama/Llama-3.2-11B-Vision", "on", "<|image|><|image|><|begin_of_text|>question : what is red ? answer :"),
+        ("auto", "<|image|><|image|><|begin_of_text|>question : what is red ? answer :"),
+        ("on", "<|image|><|image|><|begin_of_text|>question : what is red ? answer :"),
+        ("off", "<|image|><|image|><|begin_of_text|>What is red ?"),
     ],
 )
-def test_prompt_format_follows_the_model(processor, source, chat_template, expected):
-    """The testbed gets its training format; Instruct models their chat template (the testbed's renders
-    the same string); base models the raw prompt after the image tokens."""
-    assert prompt_text(processor, source, "What is red ?", 2, chat_template) == expected
+def test_prompt_format_follows_the_model(processor, chat_template, expected):
+    """One prompt rule for every front-end: the processor's chat template when it has one (the testbed's renders
+    its training format), else the raw prompt after the image tokens."""
+    assert prompt_text(processor, "What is red ?", 2, chat_template) == expected
 
 
 def test_kept_patch_grid_maps_indices_to_tiles_and_row_major_patches():

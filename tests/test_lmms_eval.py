@@ -175,7 +175,7 @@ def test_prompt_uses_chat_template_or_passes_the_context_through(untrimmed):
     with pytest.raises(ValueError, match="holds 1 <|image|> tokens for 2 images"):
         untrimmed.prompt(trained, 2)
     raw = TrimmedLlamaVision(pretrained="testbed", apply_chat_template=False)
-    assert raw.prompt(question, 2) == "<|image|><|image|>" + question
+    assert raw.prompt(question, 2) == "<|image|><|image|><|begin_of_text|>" + question
 
 
 def test_until_cuts_and_max_new_tokens_caps(untrimmed):

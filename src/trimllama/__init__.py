@@ -6,8 +6,9 @@
     handle.kept, handle.stats
 """
 
-from .adapters import TrimStats
+from .adapters import SampleStats, TrimStats
 from .errors import (
+    AlreadyTrimmedError,
     InvalidSettingError,
     MissingImageError,
     ShapeMismatchError,
@@ -26,6 +27,7 @@ from .methods import (
     MergeRemainder,
     RandomSelect,
     SelectionMethod,
+    build_method,
     get_method,
 )
 
@@ -33,6 +35,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "METHODS",
+    "AlreadyTrimmedError",
     "ExtraTokens",
     "Floor",
     "HeadwiseTopK",
@@ -42,6 +45,7 @@ __all__ = [
     "MergeRemainder",
     "MissingImageError",
     "RandomSelect",
+    "SampleStats",
     "SelectionMethod",
     "ShapeMismatchError",
     "TrimHandle",
@@ -49,6 +53,7 @@ __all__ = [
     "TrimllamaError",
     "UnknownMethodError",
     "UnsupportedModelError",
+    "build_method",
     "get_method",
     "trim",
 ]

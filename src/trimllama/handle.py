@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .adapters import Adapter, TrimStats, adapter_for
+from .errors import AlreadyTrimmedError
 from .methods import SelectionMethod, get_method
 
 _HANDLE_ATTRIBUTE = "_trimllama_handle"
@@ -77,7 +78,7 @@ def trim(
     adapter_class = adapter_for(model)
     existing = getattr(model, _HANDLE_ATTRIBUTE, None)
     if existing is not None:
-        raise RuntimeError(f"this model is already trimmed by {existing!r}; remove() it first")
+        raise AlreadyTrimmedError(f"this model is already trimmed by {existing!r}; remove() it first")
     handle = TrimHandle(model, adapter_class(model, method, trim_scoring_layer=trim_scoring_layer), method)
     setattr(model, _HANDLE_ATTRIBUTE, handle)
     return handle

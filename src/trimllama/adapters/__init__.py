@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, TrimStats
+from .base import Adapter, SampleStats, TrimStats
 from .mllama import MllamaAdapter
 
 ADAPTERS: list[type[Adapter]] = [
@@ -27,4 +27,9 @@ def adapter_for(model: nn.Module) -> type[Adapter]:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "TrimStats", "adapter_for"]
+def supported_model_types() -> list[str]:
+    """The `config.model_type`s some adapter wires (what a checkpoint must be to load for trimming)."""
+    return [model_type for adapter in ADAPTERS for model_type in adapter.model_types]
+
+
+__all__ = ["ADAPTERS", "Adapter", "SampleStats", "TrimStats", "adapter_for", "supported_model_types"]

@@ -8,6 +8,31 @@ import torch
 from torch import nn
 
 
+@dataclass(frozen=True)
+class SampleStats:
+    """One sample's own share of a prefill: its image tokens (those its text sees, padding tiles excluded), how
+    many of them the later cross-attention layers keep, the tokens a method adds, and the cache bytes they need.
+
+    `kept_tokens` never exceeds `image_tokens`: KeepAll and the untrimmed model also hold padding tiles, which
+    are no sample's own tokens (selection methods never keep one).
+    """
+
+    image_tokens: int
+    kept_tokens: int
+    extra_tokens: int
+    cross_kv_bytes_before: int
+    cross_kv_bytes_after: int
+
+    @property
+    def kept_fraction(self) -> float:
+        """Kept / own image tokens (1.0 for a sample without image tokens)."""
+        return self.kept_tokens / self.image_tokens if self.image_tokens else 1.0
+
+    @property
+    def cross_kv_bytes_saved(self) -> int:
+        return self.cross_kv_bytes_before - self.cross_kv_bytes_after
+
+
 @dataclass
 class TrimStats:
     """What the last prefill kept and what the cross-attention cache holds.
@@ -21,7 +46,9 @@ class TrimStats:
         extra_tokens: tokens a method appended per sample (e.g. remainders), 0 for plain methods.
         cross_kv_bytes_before: what the untrimmed model's cross-attention cache holds for this batch.
         cross_kv_bytes_after: what the trimmed cache holds (read off the cache when there is one).
-        sample_cross_kv_bytes_after: per sample, bytes its own tokens need (without batch padding).
+        sample_cross_kv_bytes_before: per sample, bytes its own tokens (`image_tokens_valid`) need untrimmed,
+            in every cross-attention layer (without batch or tile padding).
+        sample_cross_kv_bytes_after: per sample, bytes its own kept and extra tokens need (without batch padding).
         trimmed_layers: decoder-layer indices whose cross-attention inputs were trimmed.
     """
 
@@ -38,7 +65,21 @@ class TrimStats:
     @property
     def kept_fraction(self) -> list[float]:
         """Kept / non-padding tokens per sample (1.0 for samples without image tokens)."""
-        return [after / valid if valid else 1.0 for after, valid in zip(self.image_tokens_after, self.image_tokens_valid)]
+        return [sample.kept_fraction for sample in self.samples]
+
+    @property
+    def samples(self) -> list[SampleStats]:
+        """The per-sample view: each sample's own image tokens and cache bytes, without batch padding."""
+        return [
+            SampleStats(valid, min(after, valid), extra, before_bytes, after_bytes)
+            for valid, after, extra, before_bytes, after_bytes in zip(
+                self.image_tokens_valid,
+                self.image_tokens_after,
+                self.extra_tokens,
+                self.sample_cross_kv_bytes_before,
+                self.sample_cross_kv_bytes_after,
+            )
+        ]
 
     @property
     def cross_kv_bytes_saved(self) -> int:
@@ -56,8 +97,13 @@ class Adapter:
     """Installs a selection method on one model instance through forward hooks.
 
     Subclasses implement `supports`, `_install` (register hooks, appending the handles to
-    `self._hooks`) and keep `kept` / `stats` current after every prefill.
+    `self._hooks`) and keep `kept` / `stats` current after every prefill. They also answer, without
+    installing anything, every question about the model that front-ends and harnesses have: the class
+    methods below. Nothing outside `adapters/` reads a model's modules.
     """
+
+    model_classes: tuple[str, ...] = ()
+    model_types: tuple[str, ...] = ()
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -67,6 +113,41 @@ class Adapter:
 
     @classmethod
     def supports(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def tokens_per_tile(cls, model: nn.Module) -> int:
+        """Image tokens per tile (or per image, for a family without tiles)."""
+        raise NotImplementedError
+
+    @classmethod
+    def cross_attention_layers(cls, model: nn.Module) -> list[int]:
+        """Decoder-layer indices of the cross-attention layers, in order."""
+        raise NotImplementedError
+
+    @classmethod
+    def cache_bytes_per_token(cls, model: nn.Module) -> int:
+        """Cache bytes of one image token in one cross-attention layer (keys + values)."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_tokens(cls, model: nn.Module, inputs: dict) -> list[int]:
+        """Per sample of the processor's batch `inputs`, the image tokens its text sees."""
+        raise NotImplementedError
+
+    @classmethod
+    def untrimmed_stats(cls, model: nn.Module, inputs: dict) -> TrimStats:
+        """The `TrimStats` of the untrimmed model on `inputs`: what it caches, by the same definitions."""
+        raise NotImplementedError
+
+    @classmethod
+    def image_features(cls, model: nn.Module, *image_inputs: torch.Tensor) -> torch.Tensor:
+        """(batch, image_tokens, hidden): the image features the cross-attention layers receive."""
+        raise NotImplementedError
+
+    @classmethod
+    def feed_later_layers(cls, model: nn.Module, *fixed_inputs: torch.Tensor) -> list:
+        """Hooks that give the later cross-attention layers fixed image inputs (the benchmark's ideal arm)."""
         raise NotImplementedError
 
     def remove(self) -> None:

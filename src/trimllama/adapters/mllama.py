@@ -93,6 +93,7 @@ class MllamaAdapter(Adapter):
     """Trims the image features of every cross-attention layer after the first one."""
 
     model_classes = ("MllamaForConditionalGeneration", "MllamaModel")
+    model_types = ("mllama",)  # `config.model_type` of the checkpoints it wires
 
     def __init__(self, model: nn.Module, method: SelectionMethod, trim_scoring_layer: bool = False) -> None:
         check_transformers_version()
@@ -116,7 +117,7 @@ class MllamaAdapter(Adapter):
                 f"this transformers version's Mllama is not supported (tested: {', '.join(TESTED_TRANSFORMERS)})"
             )
         self.attention = attention
-        self.num_patches = int(self.core.vision_model.num_patches)
+        self.num_patches = self.tokens_per_tile(model)
         self._forward_signature = inspect.signature(self.core.forward)
 
         self.plan: TrimPlan | None = None
@@ -280,9 +281,7 @@ class MllamaAdapter(Adapter):
         )
 
     def _bytes_per_token(self) -> int:
-        """Cache bytes of one image token in one cross-attention layer (keys + values)."""
-        weight = self.attention.k_proj.weight
-        return 2 * weight.shape[0] * weight.element_size()
+        return self.cache_bytes_per_token(self.model)
 
     def _compact_scoring_cache(self, cache) -> None:
         """Keep only the kept columns in the scoring layer's own cache (padding columns zeroed)."""
@@ -302,16 +301,17 @@ class MllamaAdapter(Adapter):
         batch, num_tokens = plan.batch_size, plan.num_tokens
         kept = plan.kept_counts().tolist()
         extra = plan.extra_counts().tolist()
-        scoring_tokens = kept if self.trim_scoring_layer else [num_tokens] * batch
+        valid = tokens.num_valid.tolist()
+        scoring_tokens = kept if self.trim_scoring_layer else valid
         later = len(self.trimmed_indices)
         self.stats = TrimStats(
             image_tokens_before=[num_tokens] * batch,
-            image_tokens_valid=tokens.num_valid.tolist(),
+            image_tokens_valid=valid,
             image_tokens_after=kept,
             extra_tokens=extra,
             cross_kv_bytes_before=layers_total * batch * num_tokens * per_token,
             cross_kv_bytes_after=self._planned_bytes(),
-            sample_cross_kv_bytes_before=[layers_total * num_tokens * per_token] * batch,
+            sample_cross_kv_bytes_before=[layers_total * own * per_token for own in valid],
             sample_cross_kv_bytes_after=[
                 (first + later * (k + e)) * per_token for first, k, e in zip(scoring_tokens, kept, extra)
             ],
@@ -332,6 +332,93 @@ class MllamaAdapter(Adapter):
         self.stats.cross_kv_bytes_after = sum(
             cache.layers[i].keys.nbytes + cache.layers[i].values.nbytes for i in indices if i < len(cache.layers)
         )
+
+    # -- model facts (no hooks installed): what the front-ends and harnesses ask of a Mllama -----------------
+
+    @staticmethod
+    def _core(model: nn.Module) -> MllamaModel:
+        return model.model if isinstance(model, MllamaForConditionalGeneration) else model
+
+    @classmethod
+    def tokens_per_tile(cls, model: nn.Module) -> int:
+        """Image tokens per tile: (image_size / patch_size)^2 patches plus the class token (1601 for the 11B)."""
+        return int(cls._core(model).vision_model.num_patches)
+
+    @classmethod
+    def cross_attention_layers(cls, model: nn.Module) -> list[int]:
+        """Decoder-layer indices of the cross-attention layers, in order."""
+        return sorted(int(index) for index in cls._core(model).language_model.cross_attention_layers)
+
+    @classmethod
+    def cache_bytes_per_token(cls, model: nn.Module) -> int:
+        """Cache bytes of one image token in one cross-attention layer (keys + values, KV heads x head_dim)."""
+        layer = cls._core(model).language_model.layers[cls.cross_attention_layers(model)[0]]
+        weight = layer.cross_attn.k_proj.weight
+        return 2 * weight.shape[0] * weight.element_size()
+
+    @classmethod
+    def image_tokens(cls, model: nn.Module, inputs: dict) -> list[int]:
+        """Per sample, the image tokens its text sees (tiles with a 1 in `cross_attention_mask` x tokens per tile);
+        padding tiles, padding images and text-only samples count 0. The base of every kept fraction."""
+        tile_mask = inputs.get("cross_attention_mask")  # (batch, text_len, images, tiles)
+        if tile_mask is None:
+            return [0] * int(inputs["input_ids"].shape[0])
+        seen_tiles = tile_mask.bool().any(dim=1).flatten(1).sum(dim=1)  # (batch,)
+        return (seen_tiles * cls.tokens_per_tile(model)).tolist()
+
+    @classmethod
+    def untrimmed_stats(cls, model: nn.Module, inputs: dict) -> TrimStats:
+        """What the untrimmed model caches for the batch `inputs`: every image token, padding tiles included,
+        in every cross-attention layer (the same definitions as a trimmed prefill's stats)."""
+        tile_mask = inputs.get("cross_attention_mask")
+        batch = int(inputs["input_ids"].shape[0])
+        num_tokens = 0 if tile_mask is None else int(tile_mask.shape[2] * tile_mask.shape[3]) * cls.tokens_per_tile(model)
+        per_layer = len(cls.cross_attention_layers(model)) * cls.cache_bytes_per_token(model)
+        valid = cls.image_tokens(model, inputs)
+        return TrimStats(
+            image_tokens_before=[num_tokens] * batch,
+            image_tokens_valid=valid,
+            image_tokens_after=[num_tokens] * batch,
+            extra_tokens=[0] * batch,
+            cross_kv_bytes_before=batch * num_tokens * per_layer,
+            cross_kv_bytes_after=batch * num_tokens * per_layer,
+            sample_cross_kv_bytes_before=[own * per_layer for own in valid],
+            sample_cross_kv_bytes_after=[own * per_layer for own in valid],
+        )
+
+    @classmethod
+    def image_features(
+        cls, model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor, aspect_ratio_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """(batch, images * tiles * patches, hidden): the `cross_attention_states` Mllama computes from pixels."""
+        core = cls._core(model)
+        vision = core.vision_model(
+            pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
+        ).last_hidden_state
+        projected = core.multi_modal_projector(vision)  # (batch, images, tiles, patches, hidden)
+        return projected.reshape(pixel_values.shape[0], -1, core.hidden_size)
+
+    @classmethod
+    def feed_later_layers(
+        cls, model: nn.Module, states: torch.Tensor, prefill_mask: torch.Tensor, step_mask: torch.Tensor
+    ) -> list[torch.utils.hooks.RemovableHandle]:
+        """Hand the later cross-attention layers fixed inputs instead of the model's own (no scoring, no gathering).
+
+        states: (batch, kept, hidden) image features; prefill_mask: (batch, 1, text_len, kept) additive mask of the
+        prefill; step_mask: (batch, 1, 1, kept) the mask of every decode step. Returns the hooks to remove.
+        """
+        text_model = cls._core(model).language_model
+
+        def swap_inputs(module, args, kwargs):
+            if kwargs["cross_attention_states"] is not None:
+                kwargs["cross_attention_states"] = states
+                kwargs["cross_attention_mask"] = prefill_mask
+            else:
+                kwargs["cross_attention_mask"] = step_mask
+            return args, kwargs
+
+        later = cls.cross_attention_layers(model)[1:]
+        return [text_model.layers[index].register_forward_pre_hook(swap_inputs, with_kwargs=True) for index in later]
 
 
 def _passed_cache(inputs: dict):

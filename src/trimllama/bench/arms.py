@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 from transformers import MllamaForConditionalGeneration
 
+from ..adapters import adapter_for
 from ..handle import TrimHandle, trim
 from ..methods import HeadwiseTopK, MergeRemainder
 from .model import BenchInputs
@@ -102,7 +103,7 @@ def activate(
     elif arm.kind == "ideal":
         if ideal is None:
             raise ValueError(f"the {arm.name} arm needs the kept features of trimmed@{arm.fraction:g}")
-        hooks = _install_ideal(model, ideal)
+        hooks = adapter_for(model).feed_later_layers(model, ideal.states, ideal.prefill_mask, ideal.step_mask)
         try:
             yield None
         finally:
@@ -111,18 +112,3 @@ def activate(
     else:
         raise ValueError(f"unknown arm kind {arm.kind!r}; known: {', '.join(KINDS)}")
 
-
-def _install_ideal(model: MllamaForConditionalGeneration, ideal: IdealFeatures) -> list:
-    """Pre-hooks on the later cross-attention layers that swap in the precomputed features and masks."""
-    text_model = model.model.language_model
-    later = sorted(int(index) for index in text_model.cross_attention_layers)[1:]
-
-    def swap_inputs(module, args, kwargs):
-        if kwargs["cross_attention_states"] is not None:
-            kwargs["cross_attention_states"] = ideal.states
-            kwargs["cross_attention_mask"] = ideal.prefill_mask
-        else:
-            kwargs["cross_attention_mask"] = ideal.step_mask
-        return args, kwargs
-
-    return [text_model.layers[index].register_forward_pre_hook(swap_inputs, with_kwargs=True) for index in later]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, MllamaForConditionalGeneration
 
+from ..adapters import adapter_for
 from .model import BenchInputs
 
 
@@ -97,9 +98,4 @@ def image_features(
     aspect_ratio_mask: torch.Tensor,
 ) -> torch.Tensor:
     """(batch, images * tiles * patches, hidden): the `cross_attention_states` Mllama computes from pixels."""
-    core = model.model
-    vision = core.vision_model(
-        pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask
-    ).last_hidden_state
-    projected = core.multi_modal_projector(vision)  # (batch, images, tiles, patches, hidden)
-    return projected.reshape(pixel_values.shape[0], -1, core.hidden_size)
+    return adapter_for(model).image_features(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask)

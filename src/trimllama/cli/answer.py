@@ -1,6 +1,6 @@
 """Shared by `generate` and `show`: images + prompt -> model inputs -> (trimmed) generation -> stats.
 
-Not a subcommand (no `register`). One prompt, one sample: every `--image` goes into that sample.
+Not a subcommand (not in `COMMANDS`). One prompt, one sample: every `--image` goes into that sample.
 """
 
 from __future__ import annotations
@@ -9,14 +9,15 @@ import argparse
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from ..adapters import TrimStats
+from ..adapters import TrimStats, adapter_for
 from ..handle import trim
 from ..methods import SelectionMethod
-from .options import CommandError, default_model, load_image, load_model, method_from_args, resolve_device
+from ..errors import TrimllamaError
+from ..loading import prompt_text
+from .options import CommandError, flag_message, load_image, load_model, method_from_args, resolve_device
 
 
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +37,9 @@ def add_prompt_options(parser: argparse.ArgumentParser) -> None:
         "--chat-template",
         default="auto",
         choices=["auto", "on", "off"],
-        help="wrap the prompt in the processor's chat template; auto: on for Instruct models that ship one. "
-        "The testbed checkpoint always gets the prompt format it was trained on",
+        help="wrap the prompt in the processor's chat template (the prompt rule of every front-end, "
+        "trimllama.loading.prompt_text); auto: when the processor has one (the testbed's renders its training "
+        "format), else <|image|> per image, <|begin_of_text|>, the prompt",
     )
     group.add_argument("--json", action="store_true", help="print one JSON record instead of text; no progress bars")
 
@@ -71,11 +73,11 @@ class Generation:
 
     @property
     def kept_fraction(self) -> float:
-        return 1.0 if self.method is None else self.stats.kept_fraction[0]
+        return self.stats.kept_fraction[0]
 
     def record(self) -> dict:
-        """JSON-ready summary (the `--json` output of `generate`)."""
-        stats = self.stats
+        """JSON-ready summary (the `--json` output of `generate`); bytes are the sample's own (`TrimStats.samples`)."""
+        stats, sample = self.stats, self.stats.samples[0]
         return dict(
             answer=self.answer,
             model=self.model,
@@ -85,9 +87,9 @@ class Generation:
             image_tokens_after=stats.image_tokens_after[0],
             extra_tokens=stats.extra_tokens[0],
             kept_fraction=self.kept_fraction,
-            cross_kv_bytes_before=stats.cross_kv_bytes_before,
-            cross_kv_bytes_after=stats.cross_kv_bytes_after,
-            cross_kv_bytes_saved=stats.cross_kv_bytes_saved,
+            cross_kv_bytes_before=sample.cross_kv_bytes_before,
+            cross_kv_bytes_after=sample.cross_kv_bytes_after,
+            cross_kv_bytes_saved=sample.cross_kv_bytes_saved,
             trimmed_layers=stats.trimmed_layers,
             prompt_tokens=self.prompt_tokens,
             new_tokens=self.new_tokens,
@@ -96,7 +98,7 @@ class Generation:
 
     def summary(self) -> str:
         """One line: image tokens before -> after, cross-attention KV before -> after, time."""
-        stats = self.stats
+        stats, sample = self.stats, self.stats.samples[0]
         before, valid, after = stats.image_tokens_before[0], stats.image_tokens_valid[0], stats.image_tokens_after[0]
         tokens = f"image tokens {before}" + (f" ({valid} in real tiles)" if valid != before else "")
         if before == 0:
@@ -108,8 +110,8 @@ class Generation:
             of = f" of {valid}" if valid != before else ""
             tokens += f" -> {after}{extra} ({self.kept_fraction:.1%}{of})"
         kv = (
-            f"cross-attention KV {_mib(stats.cross_kv_bytes_before)} -> {_mib(stats.cross_kv_bytes_after)} "
-            f"(saved {_mib(stats.cross_kv_bytes_saved)})"
+            f"cross-attention KV {_mib(sample.cross_kv_bytes_before)} -> {_mib(sample.cross_kv_bytes_after)} "
+            f"(saved {_mib(sample.cross_kv_bytes_saved)})"
         )
         return f"{tokens}, {kv}, {self.seconds:.2f} s"
 
@@ -137,18 +139,16 @@ def run(args: argparse.Namespace) -> Generation:
     if args.max_new_tokens < 1:
         raise CommandError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     images = [load_image(path) for path in args.image]
-    method = method_from_args(args)
-    if method is None and args.trim_scoring_layer:
-        raise CommandError("--trim-scoring-layer has no effect with --method none (the untrimmed model)")
+    method_from_args(args)  # refuse bad settings before loading the model
     resolve_device(args.device)
     _set_library_progress(progress_enabled(args))
 
     model, processor, device = load_model(args)
-    source = args.model or default_model()
-    inputs = build_inputs(processor, source, images, args.prompt, args.chat_template)
-    num_patches = int(model.model.vision_model.num_patches)
+    inputs = build_inputs(processor, images, args.prompt, args.chat_template)
+    facts = adapter_for(model)
+    num_patches = facts.tokens_per_tile(model)
     check_lengths(model, inputs, args.max_new_tokens)
-    check_settings(method, inputs, num_patches)
+    method = method_from_args(args, image_tokens=facts.image_tokens(model, inputs)[0] if images else None)
 
     model_inputs = {name: value.to(device) for name, value in inputs.items()}
     if images:
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> Generation:
     with torch.no_grad():
         if method is None:
             output, seconds = _generate(model, model_inputs, args.max_new_tokens, progress_enabled(args))
-            stats = untrimmed_stats(model, inputs, output.past_key_values, num_patches)
+            stats = facts.untrimmed_stats(model, inputs)
             kept = valid_token_indices(inputs, num_patches)
         else:
             with trim(model, method, trim_scoring_layer=args.trim_scoring_layer) as handle:
@@ -179,34 +179,15 @@ def run(args: argparse.Namespace) -> Generation:
     )
 
 
-def is_testbed(source: str) -> bool:
-    """Whether `source` is the shipped testbed checkpoint directory."""
-    return Path(source).exists() and Path(source).resolve() == Path(default_model()).resolve()
-
-
-def prompt_text(processor, source: str, prompt: str, num_images: int, chat_template: str) -> str:
-    """The text fed to the processor: one `<|image|>` per image, then the prompt in the model's format."""
-    image_token = processor.image_token
-    if is_testbed(source):
-        from ..testbed import build_prompt
-
-        text = build_prompt(processor, prompt)  # starts with one image token
-        return image_token * (num_images - 1) + text if num_images else text.removeprefix(image_token)
-    template = getattr(processor, "chat_template", None) or getattr(processor.tokenizer, "chat_template", None)
-    if chat_template == "on" and template is None:
-        raise CommandError(f"--chat-template on: the processor of {source} has no chat template")
-    if chat_template == "on" or (chat_template == "auto" and template and "instruct" in Path(source).name.lower()):
-        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt}]
-        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    return image_token * num_images + processor.bos_token + prompt
-
-
-def build_inputs(processor, source: str, images: list, prompt: str, chat_template: str) -> dict:
+def build_inputs(processor, images: list, prompt: str, chat_template: str) -> dict:
     """The processor's tensors for one sample holding every image: input_ids (1, text_len), pixel_values,
     aspect_ratio_ids (1, images), aspect_ratio_mask (1, images, tiles), cross_attention_mask, attention_mask."""
     from transformers.utils import logging
 
-    text = prompt_text(processor, source, prompt, len(images), chat_template)
+    try:
+        text = prompt_text(processor, prompt, len(images), chat_template)
+    except TrimllamaError as error:
+        raise CommandError(flag_message(error)) from None
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a too long prompt is reported once, by `check_lengths`
     try:
@@ -233,47 +214,12 @@ def check_lengths(model, inputs: dict, max_new_tokens: int) -> None:
         )
 
 
-def check_settings(method: SelectionMethod | None, inputs: dict, num_patches: int) -> None:
-    """Refuse a per-head count or budget larger than the image tokens there are to keep."""
-    if method is None or "aspect_ratio_mask" not in inputs:  # text-only: nothing is trimmed
-        return
-    available = int(inputs["aspect_ratio_mask"].sum()) * num_patches
-    inner = getattr(method, "method", method)  # MergeRemainder wraps the method that selects
-    for name in ("head_k", "budget"):
-        value = getattr(inner, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > available:
-            flag = "--head-k" if name == "head_k" else "--budget"
-            raise CommandError(
-                f"{flag} {value} is out of range: the image(s) have {available} image tokens in real tiles"
-            )
-
-
 def valid_token_indices(inputs: dict, num_patches: int) -> torch.Tensor:
     """1-D LongTensor: indices of the image tokens of real (non-padding) tiles on the flattened axis."""
     if "aspect_ratio_mask" not in inputs:
         return torch.zeros(0, dtype=torch.long)
     tile_valid = inputs["aspect_ratio_mask"][0].bool()  # (images, tiles)
     return torch.nonzero(tile_valid.flatten().repeat_interleave(num_patches)).flatten()
-
-
-def untrimmed_stats(model, inputs: dict, cache, num_patches: int) -> TrimStats:
-    """Stats of an untrimmed run: every image token is cached, bytes read off the cache (all 0 text-only)."""
-    if "pixel_values" not in inputs:
-        return TrimStats([0], [0], [0], [0], 0, 0, [0], [0])
-    images, tiles = inputs["pixel_values"].shape[1:3]
-    total = int(images * tiles * num_patches)
-    layers = model.config.text_config.cross_attention_layers
-    cached = sum(cache.layers[index].keys.nbytes + cache.layers[index].values.nbytes for index in layers)
-    return TrimStats(
-        image_tokens_before=[total],
-        image_tokens_valid=[int(inputs["aspect_ratio_mask"].sum()) * num_patches],
-        image_tokens_after=[total],
-        extra_tokens=[0],
-        cross_kv_bytes_before=cached,
-        cross_kv_bytes_after=cached,
-        sample_cross_kv_bytes_before=[cached],
-        sample_cross_kv_bytes_after=[cached],
-    )
 
 
 def _generate(model, inputs: dict, max_new_tokens: int, show_progress: bool):

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import TrimllamaError
+from ..loading import prompt_text
 from .options import CommandError, add_model_options, load_model
 
 DEFAULT_METHODS = "headwise_topk,random,uniform_stride,tile_balanced,mean_heads_topk,last_token,class_token,feature_norm,attention_mass"
@@ -53,7 +54,7 @@ def _parse_settings(text: str) -> list[float | int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..harness.evaluate import answer_questions, build_arms, encode_questions, plot, score, uninformative_types, write_json
-    from ..testbed import answer_matches, build_prompt, make_questions
+    from ..testbed import answer_matches, make_questions
 
     if args.questions < 1 or args.batch_size < 1:
         raise CommandError("--questions and --batch-size must be at least 1")
@@ -64,14 +65,14 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(str(error)) from None
     model, processor, _ = load_model(args)
     questions = make_questions(args.questions, seed=args.seed)
-    batches = encode_questions(processor, questions, build_prompt, args.batch_size, args.shuffle_images)
+    batches = encode_questions(processor, questions, question_prompt, args.batch_size, args.shuffle_images)
     show_progress = sys.stderr.isatty() and not args.json
     results = []
     started = time.perf_counter()
     for arm in arms:
         bar = _progress(f"{arm.curve} {arm.parameter if arm.parameter is not None else ''}", len(questions), show_progress)
         answers, kept, extra = answer_questions(
-            model, processor, questions, arm.method, build_prompt, args.batch_size,
+            model, processor, questions, arm.method, question_prompt, args.batch_size,
             progress=bar.update if bar else None, batches=batches,
         )
         if bar:
@@ -93,6 +94,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"floor within 20 points of untrimmed (cannot tell methods apart): {', '.join(close)}")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.png')}")
     return 0
+
+
+def question_prompt(processor, question: str) -> str:
+    """The prompt rule of every front-end (`trimllama.loading.prompt_text`) for one image; on the testbed its
+    chat template renders the format it was trained on."""
+    return prompt_text(processor, question, 1)
 
 
 def _progress(label: str, total: int, enabled: bool):

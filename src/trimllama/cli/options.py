@@ -1,22 +1,29 @@
-"""Options and loading shared by the subcommands (generate, show, eval, serve, ...).
+"""Options shared by the subcommands (generate, show, eval, serve, ...), turned into core calls.
 
-Everything here turns bad input into a `CommandError` with a one-line message.
+Loading, methods and prompts live in the core (`trimllama.loading`, `trimllama.build_method`); everything here
+turns their errors, and other bad input, into a `CommandError` with a one-line message naming the flag.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from pathlib import Path
 
-import torch
-
+from .. import loading
 from ..errors import TrimllamaError
-from ..methods import METHODS, SelectionMethod, get_method
+from ..loading import DTYPES, first_line
+from ..methods import SelectionMethod, build_method
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SUPPORTED_MODEL_TYPES = ("mllama",)
+SETTING_FLAGS = {
+    "head_k": "--head-k",
+    "budget": "--budget",
+    "merge_remainder": "--merge-remainder",
+    "model": "--model",
+    "device": "--device",
+    "dtype": "--dtype",
+    "chat_template": "--chat-template",
+}
 
 
 class CommandError(Exception):
@@ -25,9 +32,7 @@ class CommandError(Exception):
 
 def default_model() -> str:
     """The shipped testbed checkpoint directory."""
-    from ..testbed import CHECKPOINT_DIR
-
-    return str(CHECKPOINT_DIR)
+    return loading.resolve_source(None)
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -70,7 +75,13 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str = "h
         help="per-head tokens kept by headwise_topk: a fraction of the non-padding image tokens (0.25) or a count (64); "
         "for random, the fraction kept",
     )
-    group.add_argument("--budget", type=int, default=None, help="keep exactly N image tokens per sample")
+    group.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="keep exactly N image tokens per sample; headwise_topk ranks its per-head union (--head-k) and cuts or "
+        "fills it to N, methods whose budget replaces --head-k refuse both",
+    )
     group.add_argument(
         "--param",
         action="append",
@@ -88,87 +99,56 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str = "h
     )
 
 
-def method_from_args(args: argparse.Namespace) -> SelectionMethod | None:
-    """The selection method the options describe, or None for `--method none`."""
-    given = {"--head-k": args.head_k, "--budget": args.budget}
-    if args.method.lower() == "none":
-        extra = [flag for flag, value in given.items() if value is not None] + (["--param"] if args.param else [])
-        if extra or args.merge_remainder:
-            flags = ", ".join(extra + (["--merge-remainder"] if args.merge_remainder else []))
-            raise CommandError(f"{flags} has no effect with --method none (the untrimmed model)")
-        return None
-    if args.method not in METHODS:
-        raise CommandError(f"unknown method {args.method!r}; registered methods: {', '.join(METHODS)}, or none")
-    cls = METHODS[args.method]
-    fields = {field.name for field in dataclasses.fields(cls)}
+def method_from_args(args: argparse.Namespace, image_tokens: int | None = None) -> SelectionMethod | None:
+    """The selection method the options describe (`trimllama.build_method`), or None for `--method none`."""
     settings = {}
-    for flag, value in given.items():
-        if value is None:
-            continue
-        name = {"--head-k": "head_k" if "head_k" in fields else "ratio", "--budget": "budget"}[flag]
-        if name not in fields:
-            raise CommandError(f"method {cls.name} takes no {flag}")
-        settings[name] = value
     for item in args.param:
         key, sep, raw = item.partition("=")
-        if not sep or key not in fields:
-            raise CommandError(f"--param {item!r}: method {cls.name} has settings {', '.join(sorted(fields)) or 'none'}")
+        if not sep:
+            raise CommandError(f"--param {item!r}: expected KEY=VALUE")
         try:
             settings[key] = json.loads(raw)
         except json.JSONDecodeError:
             settings[key] = raw
     try:
-        method = get_method(cls, **settings)
-        if args.merge_remainder:
-            method = METHODS["merge_remainder"](method=method)
+        method = build_method(
+            args.method,
+            head_k=args.head_k,
+            budget=args.budget,
+            merge_remainder=args.merge_remainder,
+            image_tokens=image_tokens,
+            **settings,
+        )
     except TrimllamaError as error:
-        raise CommandError(str(error)) from None
+        raise CommandError(flag_message(error)) from None
+    if method is None and args.trim_scoring_layer:
+        raise CommandError("--trim-scoring-layer has no effect with --method none (the untrimmed model)")
     return method
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CommandError("--device cuda was asked for, but no CUDA GPU is available on this machine")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+def flag_message(error: TrimllamaError) -> str:
+    """The error's message, with the setting it names first spelled as its flag (`budget 5000 ...` -> `--budget 5000 ...`)."""
+    message, setting = str(error), getattr(error, "setting", None)
+    flag = SETTING_FLAGS.get(setting)
+    if flag and message.startswith(f"{setting} "):
+        return flag + message[len(setting) :]
+    return message
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return DTYPES[name]
+def resolve_device(name: str):
+    """The device `--device` names (`trimllama.loading.resolve_device`); no GPU for cuda is a `CommandError`."""
+    try:
+        return loading.resolve_device(name)
+    except TrimllamaError as error:
+        raise CommandError(flag_message(error)) from None
 
 
 def load_model(args: argparse.Namespace):
-    """(model, processor, device) for the model options; the model is in eval mode on its device."""
-    from transformers import AutoConfig, AutoProcessor, MllamaForConditionalGeneration
-
-    source = args.model or default_model()
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    local = Path(source)
-    if local.exists() and not (local / "config.json").is_file():
-        raise CommandError(f"--model {source}: not a model directory (no config.json)")
-    if not local.exists() and (source.startswith((".", "/", "~")) or source.count("/") != 1):
-        raise CommandError(f"--model {source}: no such directory, and not a Hugging Face model id (owner/name)")
+    """(model, processor, device) for the model options (`trimllama.loading.load_model`)."""
     try:
-        config = AutoConfig.from_pretrained(source)
-    except Exception as error:  # hub or parsing failure: one line, not a traceback
-        raise CommandError(f"--model {source}: could not load its config ({_first_line(error)})") from None
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CommandError(
-            f"--model {source}: model_type {config.model_type!r} is not a supported cross-attention model "
-            f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)}, i.e. Llama-3.2-Vision)"
-        )
-    try:
-        model = MllamaForConditionalGeneration.from_pretrained(
-            source, dtype=dtype, attn_implementation=args.attn_implementation
-        )
-        processor = AutoProcessor.from_pretrained(source)
-    except Exception as error:
-        raise CommandError(f"--model {source}: could not load it ({_first_line(error)})") from None
-    return model.to(device).eval(), processor, device
+        return loading.load_model(args.model, args.device, args.dtype, args.attn_implementation)
+    except TrimllamaError as error:
+        raise CommandError(flag_message(error)) from None
 
 
 def load_image(path: str):
@@ -191,9 +171,4 @@ def load_image(path: str):
     except Image.DecompressionBombError as error:
         raise CommandError(f"refused image {path}: {_first_line(error)}") from None
     except OSError as error:
-        raise CommandError(f"cannot read image {path}: {_first_line(error)}") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+        raise CommandError(f"cannot read image {path}: {first_line(error)}") from None

@@ -84,8 +84,6 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port} is out of range (0-65535)")
     method = method_from_args(args)
-    if method is None and args.trim_scoring_layer:
-        raise CommandError("--trim-scoring-layer has no effect with --method none (the untrimmed model)")
     _check_positive(args)
     try:
         config = ServeConfig(

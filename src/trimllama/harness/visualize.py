@@ -5,7 +5,7 @@ class token, the other (tile_size / patch_size)^2 patches are the tile's pixels 
 The processor resized and padded each image to a canvas of rows x cols tiles (its aspect ratio id)
 and split it into tiles row by row; `render_kept` puts the tiles back in that grid.
 
-    figure = render_kept(inputs, handle.kept[0], processor, num_patches=model.model.vision_model.num_patches)
+    figure = render_kept(inputs, handle.kept[0], processor, num_patches=adapter_for(model).tokens_per_tile(model))
     figure.image.save("kept.png")
 """
 
@@ -113,7 +113,7 @@ def render_kept(
             aspect_ratio_ids (1, images), aspect_ratio_mask (1, images, tiles).
         kept: 1-D indices into the sample's flattened image-token axis (`handle.kept[0]`).
         processor: the `MllamaProcessor` that made `inputs` (tile grid, normalisation).
-        num_patches: image tokens per tile, class token included (`vision_model.num_patches`).
+        num_patches: image tokens per tile, class token included (`adapter_for(model).tokens_per_tile(model)`).
         title: lines printed above the images (wrapped to the figure width).
         tile_px: displayed tile size in pixels (default: the tile size, enlarged to >= 320 px).
     """

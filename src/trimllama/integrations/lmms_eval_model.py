@@ -31,23 +31,17 @@ from lmms_eval.utils import simple_parse_args_string
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
-from transformers import (
-    AutoConfig,
-    AutoProcessor,
-    MllamaForConditionalGeneration,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import MllamaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
-from ..cli.options import DTYPES
-from ..errors import TrimllamaError
+from .. import loading
+from ..adapters import adapter_for
+from ..errors import TrimllamaError, UnsupportedModelError
 from ..handle import trim
-from ..methods import METHODS, MergeRemainder, RandomSelect, SelectionMethod
+from .. import methods
+from ..methods import SelectionMethod
 
 DEFAULT_PRETRAINED = "meta-llama/Llama-3.2-11B-Vision-Instruct"
-IMAGE_TOKEN = "<|image|>"
-UNTRIMMED_NAMES = ("none", "untrimmed")
-CHAT_TEMPLATE_MODES = ("auto", True, False)
+CHAT_TEMPLATE_MODES = {"auto": "auto", True: "on", False: "off"}  # apply_chat_template -> the prompt rule's mode
 
 
 def build_method(
@@ -57,43 +51,12 @@ def build_method(
     merge_remainder: bool = False,
     like: str | None = None,
 ) -> SelectionMethod | None:
-    """The selection method the model arguments describe, or None for the untrimmed model.
-
-    `head_k` sets HeadwiseTopK's per-head count or fraction, or the `ratio` of methods that have one
-    (random, uniform_stride, ...), as `trimllama --head-k` does. `like` (random only) names the method whose
-    per-request kept counts random matches; `head_k` / `budget` then configure that method.
-    """
-    given = {name: value for name, value in (("head_k", head_k), ("budget", budget)) if value is not None}
-    if method.lower() in UNTRIMMED_NAMES:
-        extra = [*given, *(["merge_remainder"] if merge_remainder else []), *(["like"] if like else [])]
-        if extra:
-            raise ValueError(f"trimllama: {', '.join(extra)} has no effect with method={method} (the untrimmed model)")
-        return None
-    if method not in METHODS:
-        raise ValueError(f"trimllama: unknown method {method!r}; registered: {', '.join(METHODS)}, or none")
-    cls = METHODS[method]
-    if like:
-        if cls is not RandomSelect:
-            raise ValueError(f"trimllama: like={like} is for method=random only, not {cls.name}")
-        matched = build_method(like, head_k, budget)
-        if matched is None:
-            raise ValueError("trimllama: like=none matches nothing; give the method whose kept counts to match")
-        return _wrap(RandomSelect(like=matched), merge_remainder)
-    fields = {field.name for field in dataclasses.fields(cls)}
-    settings = {}
-    for name, value in given.items():
-        target = "ratio" if name == "head_k" and "head_k" not in fields else name
-        if target not in fields:
-            raise ValueError(f"trimllama: method {cls.name} takes no {name}")
-        settings[target] = value
+    """The selection method the model arguments describe (`trimllama.build_method`), or None for the untrimmed
+    model; its errors become lmms-eval's `ValueError`s."""
     try:
-        return _wrap(cls(**settings), merge_remainder)
+        return methods.build_method(method, head_k=head_k, budget=budget, merge_remainder=merge_remainder, like=like)
     except TrimllamaError as error:
         raise ValueError(f"trimllama: {error}") from None
-
-
-def _wrap(method: SelectionMethod, merge_remainder: bool) -> SelectionMethod:
-    return MergeRemainder(method) if merge_remainder else method
 
 
 @dataclass(frozen=True)
@@ -135,7 +98,11 @@ class Decoding:
 
 
 class StopOnStrings(StoppingCriteria):
-    """Finishes each sample once its decoded continuation contains one of `stops`."""
+    """Finishes each sample once its decoded continuation contains one of `stops`.
+
+    Kept instead of `generate(stop_strings=..., tokenizer=...)`: transformers' `StopStringCriteria` cannot read a
+    vocabulary without a prefix-space marker (it raises on the testbed's tokenizer, transformers 5.23).
+    """
 
     def __init__(self, stops: tuple[str, ...], tokenizer, prompt_length: int) -> None:
         self.stops = stops
@@ -221,9 +188,9 @@ class TrimmedLlamaVision(lmms):
         attn_implementation: "sdpa" or "eager".
         batch_size: requests per `generate` call (lmms-eval's `--batch_size`, or here in `--model_args`).
         max_new_tokens: for tasks whose generation_kwargs set none.
-        apply_chat_template: "auto" applies the processor's chat template when it has one and the context
-            holds no `<|image|>` yet (Instruct models); a context that already holds `<|image|>` goes through
-            unchanged. true / false force it on / off.
+        apply_chat_template: the prompt rule's mode (`trimllama.loading.prompt_text`): "auto" applies the
+            processor's chat template when it has one, else `<|image|>` per image, `<|begin_of_text|>`, the context;
+            a context that already holds `<|image|>` goes through unchanged. true / false force it on / off.
         kept_log: optional path of a JSONL file with one kept-token record per request.
     """
 
@@ -258,7 +225,7 @@ class TrimmedLlamaVision(lmms):
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)
         if apply_chat_template not in CHAT_TEMPLATE_MODES:
             raise ValueError(f"trimllama: apply_chat_template must be auto, true or false, got {apply_chat_template!r}")
-        self.chat_template_mode = apply_chat_template
+        self.chat_template_mode = CHAT_TEMPLATE_MODES[apply_chat_template]
         self.kept_log = Path(kept_log) if kept_log else None
         self.kept_records: list[KeptRecord] = []
 
@@ -272,13 +239,21 @@ class TrimmedLlamaVision(lmms):
             device = str(self.accelerator.device)
             self._rank = self.accelerator.process_index
             self._world_size = self.accelerator.num_processes
-        elif device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self._model, self.processor = _load(str(pretrained), dtype, device_map or device, attn_implementation)
-        if self.chat_template_mode is True and not self.processor.chat_template:
+        try:
+            self._model, self.processor, _ = loading.load_model(
+                str(pretrained), device or "auto", str(dtype), attn_implementation, device_map
+            )
+        except UnsupportedModelError as error:
+            raise ValueError(
+                f"trimllama: pretrained={pretrained} is a {error.model_type!r} model; this plugin runs Llama-3.2-Vision "
+                f"(mllama)"
+            ) from None
+        except TrimllamaError as error:
+            raise ValueError(f"trimllama: {error}") from None
+        if self.chat_template_mode == "on" and not loading.has_chat_template(self.processor):
             raise ValueError(f"trimllama: apply_chat_template=true, but {pretrained} has no chat template")
-        vision = self._model.config.vision_config
-        self.num_patches = (vision.image_size // vision.patch_size) ** 2 + 1
+        self.facts = adapter_for(self._model)
+        self.num_patches = self.facts.tokens_per_tile(self._model)
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TrimmedLlamaVision:
@@ -309,26 +284,12 @@ class TrimmedLlamaVision(lmms):
         return self._model.device
 
     def prompt(self, context: str, num_images: int) -> str:
-        """The text given to the processor for one request: chat template, or the context as is.
-
-        Without the chat template, a context holding no `<|image|>` gets one per image in front.
-        """
-        has_image_token = IMAGE_TOKEN in context
-        use_template = self.chat_template_mode is True or (
-            self.chat_template_mode == "auto" and bool(self.processor.chat_template) and not has_image_token
-        )
-        if use_template:
-            if has_image_token:
-                raise ValueError("trimllama: apply_chat_template=true, but the context already holds <|image|>")
-            content = [{"type": "image"}] * num_images + [{"type": "text", "text": context}]
-            message = [{"role": "user", "content": content}]
-            return self.processor.apply_chat_template(message, add_generation_prompt=True, tokenize=False)
-        found = context.count(IMAGE_TOKEN)
-        if found == 0:
-            return IMAGE_TOKEN * num_images + context
-        if found != num_images:
-            raise ValueError(f"trimllama: the context holds {found} {IMAGE_TOKEN} tokens for {num_images} images")
-        return context
+        """The text given to the processor for one request: the prompt rule of every front-end
+        (`trimllama.loading.prompt_text`); a context that already holds `<|image|>` goes through unchanged."""
+        try:
+            return loading.prompt_text(self.processor, context, num_images, self.chat_template_mode)
+        except TrimllamaError as error:
+            raise ValueError(f"trimllama: {error}") from None
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """One continuation per request, batched by `batch_size` in request order within groups of equal
@@ -421,14 +382,10 @@ class TrimmedLlamaVision(lmms):
         """Per request (rank-padding copies left out): non-padding image tokens (seen by some text row),
         kept and extra tokens."""
         if stats is None:
-            tiles_seen = inputs["cross_attention_mask"].amax(dim=1).sum(dim=(1, 2))  # (batch,)
-            valid = (tiles_seen * self.num_patches).tolist()
-            counts = zip(valid, valid, [0] * len(valid))
-        else:
-            counts = zip(stats.image_tokens_valid, stats.image_tokens_after, stats.extra_tokens)
+            stats = self.facts.untrimmed_stats(self.model, inputs)
         return [
-            KeptRecord(request.task_name, int(request.doc_id), int(image), int(kept), int(extra))
-            for request, (image, kept, extra) in zip(requests, counts)
+            KeptRecord(request.task_name, int(request.doc_id), sample.image_tokens, sample.kept_tokens, sample.extra_tokens)
+            for request, sample in zip(requests, stats.samples)
             if not _padding_only(request)
         ]
 
@@ -472,27 +429,3 @@ def _positive_int(name: str, value) -> int:
 def _padding_only(request: Instance) -> bool:
     """lmms-eval pads ranks to equal request counts with copies; they are not counted."""
     return bool((request.metadata or {}).get("__padding_only__"))
-
-
-def _load(source: str, dtype: str, device_map: str, attn_implementation: str):
-    """(model in eval mode, processor padding on the left) of a Mllama checkpoint."""
-    if source == "testbed":
-        from ..testbed import CHECKPOINT_DIR
-
-        source = str(CHECKPOINT_DIR)
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"trimllama: dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
-    on_gpu = torch.cuda.is_available() and not str(device_map).startswith("cpu")
-    torch_dtype = DTYPES[dtype] if dtype != "auto" else (torch.bfloat16 if on_gpu else torch.float32)
-    config = AutoConfig.from_pretrained(source)
-    if config.model_type != "mllama":
-        kind = f"a {config.model_type!r} model"
-        raise ValueError(f"trimllama: pretrained={source} is {kind}; this plugin runs Llama-3.2-Vision (mllama)")
-    model = MllamaForConditionalGeneration.from_pretrained(
-        source, dtype=torch_dtype, device_map=device_map, attn_implementation=attn_implementation
-    )
-    processor = AutoProcessor.from_pretrained(source)
-    processor.tokenizer.padding_side = "left"
-    if processor.tokenizer.pad_token is None:
-        processor.tokenizer.pad_token = processor.tokenizer.eos_token
-    return model.eval(), processor

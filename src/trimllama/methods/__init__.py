@@ -1,6 +1,7 @@
 """Registry of selection methods: `METHODS[name] -> class`.
 
 Adding a method: one new file with a `SelectionMethod` dataclass, plus one line in `_REGISTERED`.
+`build_method` (methods/build.py) turns the loose settings of the CLI, the server and lmms-eval into a method.
 Lookups ignore case, `_` and `-`, and accept the class name too (`"HeadwiseTopK"` == `"headwise_topk"`).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 from ..errors import UnknownMethodError
 from .attention_mass import AttentionMass
 from .base import ExtraTokens, ImageTokens, SelectionMethod
+from .build import build_method, check_fits_image
 from .class_token import ClassTokenAttention
 from .feature_norm import FeatureNorm
 from .floor import Floor
@@ -98,5 +100,7 @@ __all__ = [
     "MergeRemainder",
     "RandomSelect",
     "SelectionMethod",
+    "build_method",
+    "check_fits_image",
     "get_method",
 ]

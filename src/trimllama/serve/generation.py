@@ -18,6 +18,7 @@ from typing import Protocol, Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from ..adapters import adapter_for
 from ..handle import TrimHandle, trim
 from .prompts import EncodedPrompt, collate
 from .trimming import TrimSetting
@@ -183,10 +184,7 @@ class Engine:
         self.pad_id = int(next(pad for pad in pads if pad is not None))
         text_config = model.config.text_config
         self.context_length = int(text_config.max_position_embeddings)
-        self.cross_layers = len(text_config.cross_attention_layers)
-        self.num_patches = int(model.model.vision_model.num_patches)
-        key_projection = model.model.language_model.layers[text_config.cross_attention_layers[0]].cross_attn.k_proj
-        self.cache_bytes_per_token = 2 * key_projection.weight.shape[0] * key_projection.weight.element_size()
+        self.facts = adapter_for(model)
         self.default_sampling = (
             (float(generation_config.temperature or 1.0), float(generation_config.top_p or 1.0))
             if generation_config.do_sample
@@ -291,23 +289,14 @@ class Engine:
                 row.done, row.finish_reason = True, "length"
 
     def _trim_reports(self, batch: dict, handle: TrimHandle | None, setting: TrimSetting) -> list[TrimReport]:
-        """Per request: its own image tokens and cross-attention cache bytes, untrimmed and as served."""
-        batch_size = batch["input_ids"].shape[0]
-        if "cross_attention_mask" not in batch:
-            return [TrimReport("none", 0, 0, 0, 0, 0)] * batch_size
-        seen_tiles = batch["cross_attention_mask"].bool().any(dim=1).flatten(1).sum(dim=1)  # (batch,)
-        before = (seen_tiles * self.num_patches).tolist()
-        per_token, layers = self.cache_bytes_per_token, self.cross_layers
-        if handle is None:
-            return [TrimReport("none", n, n, 0, layers * n * per_token, layers * n * per_token) for n in before]
-        stats = handle.stats
-        reports = []
-        for index, tokens in enumerate(before):
-            kept, extra = stats.image_tokens_after[index], stats.extra_tokens[index]
-            first_layer = kept if setting.trim_scoring_layer else tokens
-            after_bytes = (first_layer + (layers - 1) * (kept + extra)) * per_token
-            reports.append(TrimReport(setting.label, tokens, kept, extra, layers * tokens * per_token, after_bytes))
-        return reports
+        """Per request: its own image tokens and cross-attention cache bytes, untrimmed and as served
+        (`TrimStats.samples`)."""
+        stats = handle.stats if handle is not None else self.facts.untrimmed_stats(self.model, batch)
+        label = setting.label if handle is not None else "none"
+        return [
+            TrimReport(label, s.image_tokens, s.kept_tokens, s.extra_tokens, s.cross_kv_bytes_before, s.cross_kv_bytes_after)
+            for s in stats.samples
+        ]
 
 
 def _warpers(sampling: SamplingParams) -> LogitsProcessorList | None:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from ..errors import PromptError
+from ..loading import chat_text
 from .config import ImageLimits
 from .errors import APIError, invalid
 from .images import decode_image_url
@@ -80,11 +82,13 @@ def build_conversation(messages: list[Message], limits: ImageLimits) -> Conversa
 
 
 def encode_conversation(processor, conversation: Conversation) -> EncodedPrompt:
-    """Render the chat template and run the processor on this one conversation."""
+    """Render the prompt (`trimllama.loading.chat_text`, the one prompt rule) and run the processor on it."""
     from jinja2 import TemplateError
 
     try:
-        text = processor.apply_chat_template(conversation.messages, add_generation_prompt=True, tokenize=False)
+        text = chat_text(processor, conversation.messages)
+    except PromptError as error:
+        raise invalid(f"'messages': {error}", "messages") from None
     except TemplateError as error:
         raise invalid(f"'messages': the model's chat template refused the conversation ({error})", "messages") from None
     image_token = processor.image_token

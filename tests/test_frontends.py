@@ -1,0 +1,227 @@
+"""The three front-ends (the CLI, the server, the lmms-eval model) agree, because each only translates the core:
+
+- the same loose settings resolve to the same method (label and parameters), and the same bad ones are refused
+  with the same message text (`trimllama.build_method`);
+- the same model, image and question become the same prompt tokens (`trimllama.loading.prompt_text`);
+- the same request reports the same image tokens and cross-attention bytes, before and after (`TrimStats.samples`).
+And no module outside `adapters/` (and the model builders) reads a model's modules.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import trimllama
+from trimllama.cli import build_parser, main
+from trimllama.cli.options import CommandError, flag_message, method_from_args
+from trimllama.testbed import CHECKPOINT_DIR, make_questions
+
+pytest.importorskip("fastapi")
+lmms_eval = pytest.importorskip("lmms_eval")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from lmms_eval.api.instance import Instance  # noqa: E402
+
+from trimllama.integrations import lmms_eval_model  # noqa: E402
+from trimllama.serve import ServeConfig, create_app  # noqa: E402
+from trimllama.serve.errors import APIError  # noqa: E402
+from trimllama.serve.schemas import TrimOptions  # noqa: E402
+from trimllama.serve.trimming import TrimSetting, resolve_trim  # noqa: E402
+
+pytestmark = pytest.mark.skipif(
+    not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
+)
+SRC = Path(trimllama.__file__).resolve().parent
+
+# loose settings as all three front-ends take them: method, head_k, budget, merge_remainder, like
+GOOD = [
+    dict(method="headwise_topk", head_k=0.1),
+    dict(method="headwise_topk", head_k=0.05, budget=8),
+    dict(method="merge_remainder", head_k=0.1),
+    dict(method="headwise_topk", head_k=16, merge_remainder=True),
+    dict(method="random", head_k=0.2),
+    dict(method="random", like="headwise_topk", head_k=0.1, merge_remainder=True),
+    dict(method="uniform_stride", budget=None, head_k=0.3),
+    dict(method="none"),
+]
+BAD = [
+    dict(method="nope"),
+    dict(method="none", head_k=0.1),
+    dict(method="none", merge_remainder=True),
+    dict(method="floor", budget=8),
+    dict(method="headwise_topk", head_k=1.5),
+    dict(method="headwise_topk", budget=0),
+    dict(method="random", head_k=0.2, budget=8),
+    dict(method="headwise_topk", like="random"),
+    dict(method="random", like="none"),
+]
+
+
+def cli_method(settings: dict):
+    argv = ["generate", "--image", "x.png", "--prompt", "q", "--method", settings["method"]]
+    for key in ("head_k", "budget"):
+        if settings.get(key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(settings[key])]
+    if settings.get("merge_remainder"):
+        argv.append("--merge-remainder")
+    if settings.get("like"):
+        argv += ["--param", f"like={settings['like']}"]
+    return method_from_args(build_parser().parse_args(argv))
+
+
+def serve_method(settings: dict):
+    return resolve_trim(TrimOptions.model_validate(settings), TrimSetting(None)).method
+
+
+def lmms_method(settings: dict):
+    return lmms_eval_model.build_method(**settings)
+
+
+def record(method) -> tuple:
+    return (None, None) if method is None else (method.label(), method.parameters)
+
+
+@pytest.mark.parametrize("settings", GOOD, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_the_same_settings_give_the_same_method(settings):
+    expected = trimllama.build_method(settings["method"], **{k: v for k, v in settings.items() if k != "method"})
+    for front_end in (cli_method, serve_method, lmms_method):
+        method = front_end(settings)
+        assert method == expected, front_end.__name__
+        assert record(method) == record(expected), front_end.__name__
+
+
+@pytest.mark.parametrize("settings", BAD, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()))
+def test_the_same_bad_settings_are_refused_with_the_same_message(settings):
+    with pytest.raises(trimllama.TrimllamaError) as core:
+        trimllama.build_method(settings["method"], **{k: v for k, v in settings.items() if k != "method"})
+    message = str(core.value)
+    with pytest.raises(CommandError) as cli:
+        cli_method(settings)
+    assert str(cli.value) == flag_message(core.value)  # the CLI names a setting by its flag, nothing else
+    assert message.split(" ", 1)[1] in str(cli.value)
+    with pytest.raises(APIError) as serve:
+        serve_method(settings)
+    assert serve.value.status == 400 and message in serve.value.message
+    with pytest.raises(ValueError) as lmms:
+        lmms_method(settings)
+    assert str(lmms.value) == f"trimllama: {message}"
+
+
+def test_the_cli_refuses_an_int_count_above_the_image_with_the_core_message():
+    with pytest.raises(trimllama.InvalidSettingError) as core:
+        trimllama.build_method("headwise_topk", budget=5000, image_tokens=591)
+    assert str(core.value) == "budget 5000 is out of range: the image(s) have 591 image tokens in real tiles"
+    assert flag_message(core.value) == "--budget " + str(core.value).removeprefix("budget ")
+
+
+# --------------------------------------------------------------------------- one request through all three
+
+
+@pytest.fixture(scope="module")
+def request_parts(tmp_path_factory):
+    question = make_questions(1, seed=31, qtypes=("color",))[0]  # a 1x3-tile image: one padding tile of 4
+    path = tmp_path_factory.mktemp("frontends") / "image.png"
+    question.image.save(path)
+    buffer = io.BytesIO()
+    question.image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return question, str(path), url
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    return lmms_eval_model.TrimmedLlamaVision(pretrained="testbed", method="headwise_topk", head_k=0.1)
+
+
+def cli_generate(capsys, path: str, question: str, *options: str) -> dict:
+    assert main(["generate", "--image", path, "--prompt", question, "--json", "--max-new-tokens", "2", *options]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def serve_reports(plugin, url: str, question: str, trims: list[dict | None]) -> list[dict]:
+    app = create_app(plugin.model, plugin.processor, ServeConfig(model_name="testbed"))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question}]
+    reports = []
+    with TestClient(app) as client:
+        for trim_options in trims:
+            body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2, "temperature": 0}
+            if trim_options is not None:
+                body["trim"] = trim_options
+            response = client.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            reports.append(response.json()["trim"])
+    return reports
+
+
+def lmms_record(plugin, image, question: str) -> lmms_eval_model.KeptRecord:
+    plugin.task_dict = {"toy": {"test": [{"images": [image]}]}}
+    request = Instance(
+        request_type="generate_until",
+        arguments=(question, {"max_new_tokens": 2}, lambda doc: doc["images"], 0, "toy", "test"),
+        idx=0,
+        metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+    )
+    plugin.generate_until([request])
+    return plugin.kept_records[-1]
+
+
+def test_the_same_prompt_for_the_same_model_image_and_question(plugin, request_parts):
+    from trimllama.cli.answer import build_inputs
+    from trimllama.serve.config import ImageLimits
+    from trimllama.serve.prompts import build_conversation, encode_conversation
+    from trimllama.serve.schemas import Message
+
+    question, _, url = request_parts
+    processor = plugin.processor
+    cli = build_inputs(processor, [question.image], question.question, "auto")["input_ids"]
+    message = Message.model_validate(
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]}
+    )
+    served = encode_conversation(processor, build_conversation([message], ImageLimits())).inputs["input_ids"]
+    lmms = processor(
+        images=[[question.image]], text=[plugin.prompt(question.question, 1)], add_special_tokens=False, return_tensors="pt"
+    )["input_ids"]
+    assert torch.equal(cli, served) and torch.equal(cli, lmms)
+
+
+def test_the_same_request_reports_the_same_tokens_and_bytes(plugin, request_parts, capsys):
+    question, path, url = request_parts
+    trimmed_cli = cli_generate(capsys, path, question.question, "--head-k", "0.1")
+    untrimmed_cli = cli_generate(capsys, path, question.question, "--method", "none")
+    trimmed_serve, untrimmed_serve = serve_reports(plugin, url, question.question, [{"head_k": 0.1}, {"method": "none"}])
+    trimmed_lmms = lmms_record(plugin, question.image, question.question)
+    for cli, served in ((trimmed_cli, trimmed_serve), (untrimmed_cli, untrimmed_serve)):
+        assert cli["cross_kv_bytes_before"] == served["cross_attention_cache_bytes_before"] > 0
+        assert cli["cross_kv_bytes_after"] == served["cross_attention_cache_bytes_after"] > 0
+        assert cli["image_tokens_valid"] == served["image_tokens_before"]
+        assert min(cli["image_tokens_after"], cli["image_tokens_valid"]) == served["image_tokens_after"]
+    assert (trimmed_lmms.image_tokens, trimmed_lmms.kept_tokens) == (
+        trimmed_serve["image_tokens_before"],
+        trimmed_serve["image_tokens_after"],
+    )
+    assert trimmed_cli["cross_kv_bytes_after"] < trimmed_cli["cross_kv_bytes_before"]
+    # the untrimmed model keeps every token: a kept fraction of 1, not 4/3 for the padding tile
+    assert untrimmed_cli["kept_fraction"] == 1.0 and untrimmed_cli["cross_kv_bytes_saved"] == 0
+    assert untrimmed_cli["image_tokens_before"] > untrimmed_cli["image_tokens_valid"]
+
+
+def test_only_adapters_read_the_model_modules():
+    """The grep of issue 16: model internals are read in adapters/, the benchmark's model builder, the testbed
+    and testing.py only."""
+    allowed = ("adapters/", "bench/model.py", "testing.py", "testbed/")
+    result = subprocess.run(
+        ["grep", "-rn", r"model\.model\.\|language_model\|vision_model", str(SRC), "--include=*.py"],
+        capture_output=True,
+        text=True,
+    )
+    hits = [line for line in result.stdout.splitlines() if not line.startswith(tuple(str(SRC / a) for a in allowed))]
+    assert hits == [], "\n".join(hits)
+    assert re.search(r"adapters/mllama\.py", result.stdout)  # the grep does find what it looks for
