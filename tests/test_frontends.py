@@ -115,11 +115,23 @@ def test_the_same_bad_settings_are_refused_with_the_same_message(settings):
     assert str(lmms.value) == f"trimllama: {message}"
 
 
-def test_the_cli_refuses_an_int_count_above_the_image_with_the_core_message():
+def test_an_int_count_above_the_image_is_refused_with_the_core_message(plugin, request_parts, capsys):
+    from trimllama.cli.answer import build_inputs
+
+    question, path, url = request_parts
+    inputs = build_inputs(plugin.processor, [question.image], question.question, "auto")
+    tokens = int(inputs["aspect_ratio_mask"].sum()) * plugin.num_patches
     with pytest.raises(trimllama.InvalidSettingError) as core:
-        trimllama.build_method("headwise_topk", budget=5000, image_tokens=591)
-    assert str(core.value) == "budget 5000 is out of range: the image(s) have 591 image tokens in real tiles"
-    assert flag_message(core.value) == "--budget " + str(core.value).removeprefix("budget ")
+        trimllama.build_method("headwise_topk", budget=5000, image_tokens=tokens)
+    message = str(core.value)
+    assert message == f"budget 5000 is out of range: the image(s) have {tokens} image tokens in real tiles"
+    assert main(["generate", "--image", path, "--prompt", question.question, "--budget", "5000"]) == 2
+    assert capsys.readouterr().err.strip() == "trimllama generate: error: --budget " + message.removeprefix("budget ")
+    app = create_app(plugin.model, plugin.processor, ServeConfig(model_name="testbed"))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]
+    with TestClient(app) as client:
+        response = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": content}], "trim": {"budget": 5000}})
+    assert response.status_code == 400 and message in response.json()["error"]["message"]
 
 
 # --------------------------------------------------------------------------- one request through all three
@@ -127,7 +139,7 @@ def test_the_cli_refuses_an_int_count_above_the_image_with_the_core_message():
 
 @pytest.fixture(scope="module")
 def request_parts(tmp_path_factory):
-    question = make_questions(1, seed=31, qtypes=("color",))[0]  # a 1x3-tile image: one padding tile of 4
+    question = make_questions(1, seed=31, qtypes=("color",))[0]  # a 1-tile image: padding tiles in the batch axis
     path = tmp_path_factory.mktemp("frontends") / "image.png"
     question.image.save(path)
     buffer = io.BytesIO()

@@ -39,7 +39,7 @@ from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
 from .schemas import ChatCompletionRequest, parse_request
-from .trimming import TrimSetting, resolve_trim
+from .trimming import TrimSetting, check_fits, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -163,6 +163,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
         setting = resolve_trim(chat.trim, default_setting)
         sampling_seed = _checked_seed(chat.seed)
         prompt: EncodedPrompt = await encode_bounded(chat)
+        check_fits(setting, model, prompt.inputs)
         max_tokens = check_prompt_length(
             prompt.prompt_tokens, chat.requested_max_tokens, engine.context_length, config.default_max_tokens
         )

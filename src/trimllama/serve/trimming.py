@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import TrimllamaError, UnknownMethodError
-from ..methods import SelectionMethod, build_method
+from ..adapters import adapter_for
+from ..methods import SelectionMethod, build_method, check_fits_image
 from .errors import APIError, invalid
 from .schemas import TrimOptions
 
@@ -44,6 +45,16 @@ def resolve_trim(options: TrimOptions | None, default: TrimSetting) -> TrimSetti
     except TrimllamaError as error:
         raise trim_error(error) from None
     return TrimSetting(method, scoring and method is not None)
+
+
+def check_fits(setting: TrimSetting, model, inputs: dict) -> None:
+    """Refuse an int count larger than the request's image tokens, as the CLI does (`check_fits_image`)."""
+    if setting.method is None or "cross_attention_mask" not in inputs:
+        return
+    try:
+        check_fits_image(setting.method, adapter_for(model).image_tokens(model, inputs)[0])
+    except TrimllamaError as error:
+        raise trim_error(error) from None
 
 
 def trim_error(error: TrimllamaError) -> APIError:
