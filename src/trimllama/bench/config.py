@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import InvalidSettingError
+from ..loading import DTYPES
 from .model import LLAMA_32_11B_VISION, SMOKE_SHAPE, ModelShape, check_layer_count
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 CPU_LAYERS = 20  # the fewest that keep 4:1 self- to cross-attention layers with 4 cross-attention layers
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 

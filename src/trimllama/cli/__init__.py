@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as given, e.g. for `bench` to record
     try:
         return int(args.run(args) or 0)
     except (CommandError, TrimllamaError, NotImplementedError) as error:

@@ -6,18 +6,26 @@ Not a subcommand (not in `COMMANDS`). One prompt, one sample: every `--image` go
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
 from ..adapters import TrimStats, adapter_for
-from ..handle import trim
-from ..methods import SelectionMethod
 from ..errors import TrimllamaError
+from ..handle import trim
 from ..loading import prompt_text
-from .options import CommandError, flag_message, load_image, load_model, method_from_args, resolve_device
+from ..methods import SelectionMethod
+from .options import (
+    CommandError,
+    flag_message,
+    load_image,
+    load_model,
+    method_from_args,
+    progress_bar,
+    progress_enabled,
+    resolve_device,
+)
 
 
 def add_prompt_options(parser: argparse.ArgumentParser) -> None:
@@ -127,11 +135,6 @@ def method_record(method: SelectionMethod | None) -> dict:
     return dict(name=method.name, label=method.label(), parameters=parameters)
 
 
-def progress_enabled(args: argparse.Namespace) -> bool:
-    """Progress bars only for a person watching: stderr is a terminal and no `--json`."""
-    return sys.stderr.isatty() and not getattr(args, "json", False)
-
-
 def run(args: argparse.Namespace) -> Generation:
     """Check every input, load the model, trim, generate; every bad input is a `CommandError`."""
     if not args.prompt.strip():
@@ -156,12 +159,12 @@ def run(args: argparse.Namespace) -> Generation:
     prompt_tokens = int(inputs["input_ids"].shape[1])
     with torch.no_grad():
         if method is None:
-            output, seconds = _generate(model, model_inputs, args.max_new_tokens, progress_enabled(args))
+            output, seconds = _generate(model, model_inputs, args)
             stats = facts.untrimmed_stats(model, inputs)
             kept = valid_token_indices(inputs, num_patches)
         else:
             with trim(model, method, trim_scoring_layer=args.trim_scoring_layer) as handle:
-                output, seconds = _generate(model, model_inputs, args.max_new_tokens, progress_enabled(args))
+                output, seconds = _generate(model, model_inputs, args)
             stats, kept = handle.stats, handle.kept[0]
     new_ids = output.sequences[0, prompt_tokens:]
     return Generation(
@@ -222,9 +225,11 @@ def valid_token_indices(inputs: dict, num_patches: int) -> torch.Tensor:
     return torch.nonzero(tile_valid.flatten().repeat_interleave(num_patches)).flatten()
 
 
-def _generate(model, inputs: dict, max_new_tokens: int, show_progress: bool):
-    """(generate output with `.sequences` and `.past_key_values`, seconds): greedy decoding."""
-    streamer = _TokenProgress(max_new_tokens) if show_progress else None
+def _generate(model, inputs: dict, args: argparse.Namespace):
+    """(generate output with `.sequences`, seconds): greedy decoding of up to `--max-new-tokens` tokens."""
+    max_new_tokens = args.max_new_tokens
+    bar = progress_bar(args, max_new_tokens, desc="generating", unit="tok", leave=False)
+    streamer = _TokenProgress(bar) if bar is not None else None
     synchronize = torch.cuda.synchronize if next(model.parameters()).is_cuda else (lambda: None)
     synchronize()
     start = time.perf_counter()
@@ -238,10 +243,8 @@ def _generate(model, inputs: dict, max_new_tokens: int, show_progress: bool):
 class _TokenProgress:
     """A `generate` streamer that advances a tqdm bar by one per generated token."""
 
-    def __init__(self, max_new_tokens: int) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=max_new_tokens, desc="generating", unit="tok", leave=False)
+    def __init__(self, bar) -> None:
+        self.bar = bar
         self.prompt_seen = False
 
     def put(self, value: torch.Tensor) -> None:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import argparse
 import re
 import shlex
-import sys
 from pathlib import Path
 
 from ..bench.config import DEFAULTS, DTYPES
-from .options import CommandError
+from .options import CommandError, progress_bar
 
 _DESCRIPTION = """\
 Builds a randomly initialised Mllama with the text widths of Llama-3.2-11B-Vision (hidden 4096, 32 heads,
@@ -119,11 +118,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except InvalidSettingError as error:
         raise CommandError(_as_flags(str(error))) from None
-    bar = _progress_bar(total_runs(config))
+    bar = progress_bar(args, total_runs(config), unit="run")
     try:
-        summary = benchmark(
-            config, out, progress=bar and (lambda label: _advance(bar, label)), command=_command_line(args)
-        )
+        progress = bar and (lambda label: _advance(bar, label))
+        summary = benchmark(config, out, progress=progress, command=shlex.join(["trimllama", *args.argv]))
     except torch.cuda.OutOfMemoryError:
         raise CommandError("the GPU ran out of memory; lower --batch-sizes (or drop --full)") from None
     finally:
@@ -143,45 +141,6 @@ def _as_flags(message: str) -> str:
 _SETTING = re.compile(
     r"\b(device|dtype|full|smoke|layers|batch_sizes|fractions|repeats|new_tokens|prompt_len|memory_budget)=(True\b)?"
 )
-_OPTIONS = (
-    "--device",
-    "--dtype",
-    "--full",
-    "--layers",
-    "--batch-sizes",
-    "--fractions",
-    "--repeats",
-    "--new-tokens",
-    "--prompt-len",
-    "--memory-budget",
-    "--seed",
-    "--smoke",
-    "--out",
-)
-_UNSHOWN_DEFAULTS = {"--device": "auto", "--seed": 0}
-
-
-def _command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces this run (options left at their defaults omitted)."""
-    parts = ["trimllama", "bench"]
-    for option in _OPTIONS:
-        value = getattr(args, option[2:].replace("-", "_"))
-        if value is True:
-            parts.append(option)
-        elif value not in (None, False, _UNSHOWN_DEFAULTS.get(option)):
-            parts += [option, ",".join(f"{item:g}" for item in value) if isinstance(value, tuple) else str(value)]
-    return " ".join(shlex.quote(part) for part in parts)
-
-
-def _progress_bar(total: int):
-    """A tqdm bar on a terminal, None otherwise (logs, CI)."""
-    if not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="run", dynamic_ncols=True)
-
-
 def _advance(bar, label: str) -> None:
     bar.set_description(label)
     bar.update(1)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
 from ..errors import TrimllamaError
 from ..loading import prompt_text
-from .options import CommandError, add_model_options, load_model
+from .options import CommandError, add_model_options, load_model, progress_bar
 
 DEFAULT_METHODS = "headwise_topk,random,uniform_stride,tile_balanced,mean_heads_topk,last_token,class_token,feature_norm,attention_mass"
 
@@ -66,11 +65,10 @@ def run(args: argparse.Namespace) -> int:
     model, processor, _ = load_model(args)
     questions = make_questions(args.questions, seed=args.seed)
     batches = encode_questions(processor, questions, question_prompt, args.batch_size, args.shuffle_images)
-    show_progress = sys.stderr.isatty() and not args.json
     results = []
     started = time.perf_counter()
     for arm in arms:
-        bar = _progress(f"{arm.curve} {arm.parameter if arm.parameter is not None else ''}", len(questions), show_progress)
+        bar = progress_bar(args, len(questions), desc=f"{arm.curve} {arm.parameter if arm.parameter is not None else ''}", leave=False)
         answers, kept, extra = answer_questions(
             model, processor, questions, arm.method, question_prompt, args.batch_size,
             progress=bar.update if bar else None, batches=batches,
@@ -100,14 +98,6 @@ def question_prompt(processor, question: str) -> str:
     """The prompt rule of every front-end (`trimllama.loading.prompt_text`) for one image; on the testbed its
     chat template renders the format it was trained on."""
     return prompt_text(processor, question, 1)
-
-
-def _progress(label: str, total: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=label, leave=False, file=sys.stderr)
 
 
 def _print_table(results) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from .. import loading
@@ -24,6 +25,20 @@ SETTING_FLAGS = {
     "dtype": "--dtype",
     "chat_template": "--chat-template",
 }
+
+
+def progress_enabled(args: argparse.Namespace) -> bool:
+    """Progress bars only for a person watching: stderr is a terminal and no `--json`."""
+    return sys.stderr.isatty() and not getattr(args, "json", False)
+
+
+def progress_bar(args: argparse.Namespace, total: int, **options):
+    """A tqdm bar on stderr when `progress_enabled`, else None (logs, CI, pipes, `--json`)."""
+    if not progress_enabled(args):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, file=sys.stderr, dynamic_ncols=True, **options)
 
 
 class CommandError(Exception):

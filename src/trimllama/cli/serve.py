@@ -14,6 +14,18 @@ from .options import CommandError, add_method_options, add_model_options, load_m
 
 API_KEY_VARIABLE = "TRIMLLAMA_API_KEY"
 TESTBED_MODEL_NAME = "trimllama-testbed"
+CONFIG_FLAGS = {
+    "max_batch_size": "--max-batch-size",
+    "batch_window_ms": "--batch-window-ms",
+    "max_queue": "--max-queue",
+    "default_max_tokens": "--default-max-tokens",
+    "image limit max_bytes": "--max-image-bytes",
+    "image limit max_pixels": "--max-image-pixels",
+    "image limit max_images": "--max-images",
+    "max_pixels": "--max-image-pixels",
+    "max_text_chars": "--max-text-chars",
+    "encode_workers": "--encode-workers",
+}
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -84,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port {args.port} is out of range (0-65535)")
     method = method_from_args(args)
-    _check_positive(args)
     try:
         config = ServeConfig(
             model_name=served_model_name(args.served_model_name, args.model),
@@ -99,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
             max_text_chars=args.max_text_chars,
             encode_workers=args.encode_workers,
         )
-    except ValueError as error:
-        raise CommandError(str(error).replace("max_pixels", "--max-image-pixels")) from None
+    except ValueError as error:  # ServeConfig checks the ranges; the CLI names its flags
+        raise CommandError(_as_flag(str(error))) from None
     listener = _bind(args.host, args.port)  # before loading the model: a busy port is reported at once
     model, processor, device = load_model(args)
     app = create_app(model, processor, config)
@@ -146,15 +157,12 @@ def _bind(host: str, port: int) -> socket.socket:
     return listener
 
 
-def _check_positive(args: argparse.Namespace) -> None:
-    for name in (
-        "max_batch_size", "max_queue", "default_max_tokens", "max_images", "max_image_bytes", "max_image_pixels",
-        "max_text_chars", "encode_workers",
-    ):  # fmt: skip
-        if getattr(args, name) < 1:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.batch_window_ms < 0:
-        raise CommandError(f"--batch-window-ms must be >= 0, got {args.batch_window_ms:g}")
+def _as_flag(message: str) -> str:
+    """`ServeConfig`'s message with the field it starts with named as its flag."""
+    for field, flag in CONFIG_FLAGS.items():
+        if message.startswith(field + " "):
+            return flag + message[len(field) :]
+    return message
 
 
 def _is_loopback(host: str) -> bool:
