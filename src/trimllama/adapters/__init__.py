@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import UnsupportedModelError
-from .base import Adapter, SampleStats, TrimStats
+from .base import Adapter, SampleStats, TrimHandle, TrimStats
 from .mllama import MllamaAdapter
 
 ADAPTERS: list[type[Adapter]] = [
@@ -32,4 +32,4 @@ def supported_model_types() -> list[str]:
     return [model_type for adapter in ADAPTERS for model_type in adapter.model_types]
 
 
-__all__ = ["ADAPTERS", "Adapter", "SampleStats", "TrimStats", "adapter_for", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "SampleStats", "TrimHandle", "TrimStats", "adapter_for", "supported_model_types"]

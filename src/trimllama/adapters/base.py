@@ -1,4 +1,5 @@
-"""What every model-family adapter provides to `TrimHandle`."""
+"""The object `trim` returns (`TrimHandle`), and what every model-family adapter provides: each adapter is the
+handle of the trimming it installs (one object holds the hooks and their results)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from ..methods.base import SelectionMethod
 
 
 @dataclass(frozen=True)
@@ -93,8 +96,47 @@ class TrimStats:
         return record
 
 
-class Adapter:
-    """Installs a selection method on one model instance through forward hooks.
+HANDLE_ATTRIBUTE = "_trimllama_handle"  # set on a trimmed model: its active handle
+
+
+class TrimHandle:
+    """Trimming installed on one model instance; a context manager that removes it on exit.
+
+    Attributes:
+        model: the trimmed model.
+        method: the selection method in use.
+        kept: after each prefill, one sorted 1-D LongTensor per sample of kept indices into the
+            sample's flattened image-token axis (images x tiles x patches).
+        stats: a `TrimStats` for the last prefill.
+    """
+
+    model: nn.Module
+    method: SelectionMethod
+    kept: list[torch.Tensor]
+    stats: TrimStats
+
+    @property
+    def active(self) -> bool:
+        return getattr(self.model, HANDLE_ATTRIBUTE, None) is self
+
+    def remove(self) -> None:
+        """Uninstall; the model behaves exactly as before `trim`. Calling it twice is harmless."""
+        if self.active:
+            delattr(self.model, HANDLE_ATTRIBUTE)
+
+    def __enter__(self) -> "TrimHandle":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"TrimHandle({self.method.label()}, {type(self.model).__name__}, {state})"
+
+
+class Adapter(TrimHandle):
+    """Installs a selection method on one model instance through forward hooks; the `TrimHandle` of it.
 
     Subclasses implement `supports`, `_install` (register hooks, appending the handles to
     `self._hooks`) and keep `kept` / `stats` current after every prefill. They also answer, without
@@ -155,3 +197,4 @@ class Adapter:
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        super().remove()
