@@ -34,7 +34,7 @@ from tqdm import tqdm
 from transformers import MllamaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
 
 from .. import loading
-from ..adapters import adapter_for
+from ..adapters import SampleStats, adapter_for
 from ..errors import TrimllamaError, UnsupportedModelError
 from ..handle import trim
 from .. import methods
@@ -137,21 +137,13 @@ def request_images(visuals) -> list[Image.Image]:
     return images
 
 
-@dataclass
-class KeptRecord:
-    """Image tokens of one request: non-padding (`image_tokens`), kept for the later cross-attention layers,
-    and added by the method (e.g. MergeRemainder's remainder tokens)."""
+@dataclass(frozen=True)
+class KeptRecord(SampleStats):
+    """One request's `SampleStats` (its own image tokens, those kept for the later cross-attention layers, those
+    the method added, and their cache bytes), with the task and document it came from."""
 
-    task: str
-    doc_id: int
-    image_tokens: int
-    kept_tokens: int
-    extra_tokens: int
-
-    @property
-    def kept_fraction(self) -> float:
-        """Kept / non-padding tokens (1.0 when no text row sees the image, as `TrimStats.kept_fraction`)."""
-        return self.kept_tokens / self.image_tokens if self.image_tokens else 1.0
+    task: str = ""
+    doc_id: int = 0
 
 
 def kept_summary(records: list[KeptRecord]) -> dict[str, float]:
@@ -384,7 +376,7 @@ class TrimmedLlamaVision(lmms):
         if stats is None:
             stats = self.facts.untrimmed_stats(self.model, inputs)
         return [
-            KeptRecord(request.task_name, int(request.doc_id), sample.image_tokens, sample.kept_tokens, sample.extra_tokens)
+            KeptRecord(**dataclasses.asdict(sample), task=request.task_name, doc_id=int(request.doc_id))
             for request, sample in zip(requests, stats.samples)
             if not _padding_only(request)
         ]
