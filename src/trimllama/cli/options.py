@@ -184,6 +184,6 @@ def load_image(path: str):
     except UnidentifiedImageError:
         raise CommandError(f"not an image: {path} (unrecognised image format)") from None
     except Image.DecompressionBombError as error:
-        raise CommandError(f"refused image {path}: {_first_line(error)}") from None
+        raise CommandError(f"refused image {path}: {first_line(error)}") from None
     except OSError as error:
         raise CommandError(f"cannot read image {path}: {first_line(error)}") from None
