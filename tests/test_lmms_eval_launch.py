@@ -20,7 +20,7 @@ pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (the eval ex
 pytest.importorskip("accelerate")
 
 from trimllama import HeadwiseTopK  # noqa: E402
-from trimllama.evaluate import answer_questions  # noqa: E402
+from trimllama.harness.evaluate import answer_questions  # noqa: E402
 from trimllama.integrations.lmms_tasks import TASK_NAME, write_testbed_task  # noqa: E402
 from trimllama.testbed import CHECKPOINT_DIR, build_prompt, load_testbed, make_questions  # noqa: E402
 

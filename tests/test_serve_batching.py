@@ -23,7 +23,7 @@ from trimllama.serve.errors import APIError
 from trimllama.serve.generation import Engine, SamplingParams
 from trimllama.serve.metrics import ServeMetrics
 from trimllama.serve.prompts import Conversation, collate, encode_conversation
-from trimllama.serve.schemas import TrimSetting
+from trimllama.serve.trimming import TrimSetting
 from trimllama.testbed import CHECKPOINT_DIR, make_questions
 
 pytestmark = pytest.mark.skipif(
