@@ -31,13 +31,16 @@ from lmms_eval.utils import simple_parse_args_string
 from loguru import logger
 from PIL import Image
 from tqdm import tqdm
-from transformers import MllamaForConditionalGeneration, StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    MllamaForConditionalGeneration,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
-from .. import loading
+from .. import loading, methods
 from ..adapters import SampleStats, adapter_for
 from ..errors import TrimllamaError, UnsupportedModelError
 from ..handle import trim
-from .. import methods
 from ..methods import SelectionMethod
 
 DEFAULT_PRETRAINED = "meta-llama/Llama-3.2-11B-Vision-Instruct"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import TrimllamaError, UnknownMethodError
 from ..adapters import adapter_for
+from ..errors import TrimllamaError, UnknownMethodError
 from ..methods import SelectionMethod, build_method, check_fits_image
 from .errors import APIError, invalid
 from .schemas import TrimOptions
