@@ -62,6 +62,7 @@ BAD = [
     dict(method="random", head_k=0.2, budget=8),
     dict(method="headwise_topk", like="random"),
     dict(method="random", like="none"),
+    dict(method="random", like=5),
 ]
 
 
@@ -237,3 +238,16 @@ def test_only_adapters_read_the_model_modules():
     hits = [line for line in result.stdout.splitlines() if not line.startswith(tuple(str(SRC / a) for a in allowed))]
     assert hits == [], "\n".join(hits)
     assert re.search(r"adapters/mllama\.py", result.stdout)  # the grep does find what it looks for
+
+
+def test_any_other_setting_is_checked_against_its_default_in_the_cli_and_the_server():
+    with pytest.raises(trimllama.InvalidSettingError) as core:
+        trimllama.build_method("random", seed="x")
+    assert str(core.value) == "seed expects int, got 'x'"
+    argv = ["generate", "--image", "x.png", "--prompt", "q", "--method", "random", "--param", "seed=x"]
+    with pytest.raises(CommandError, match=re.escape(str(core.value))):
+        method_from_args(build_parser().parse_args(argv))
+    with pytest.raises(APIError) as served:
+        serve_method(dict(method="random", seed="x"))
+    assert served.value.param == "trim.seed" and str(core.value) in served.value.message
+    assert trimllama.build_method("random", seed=3) == serve_method(dict(method="random", seed=3)) == trimllama.RandomSelect(seed=3)

@@ -107,6 +107,8 @@ def _nested(method: SelectionMethod | None) -> list[SelectionMethod]:
 
 def _count_matched(cls: type[SelectionMethod], like: str | SelectionMethod, settings: dict) -> SelectionMethod:
     """RandomSelect matching the counts of `like`, which `settings` configure."""
+    if not isinstance(like, (str, SelectionMethod)):
+        raise InvalidSettingError(f"like must name a method (e.g. like=headwise_topk), got {like!r}", setting="like")
     shown = like if isinstance(like, str) else like.label()
     if cls is not RandomSelect:
         raise InvalidSettingError(f"like={shown} is for method=random only, not {cls.name}", setting="like")
