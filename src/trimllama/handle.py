@@ -11,6 +11,7 @@ from .adapters import adapter_for
 from .adapters.base import HANDLE_ATTRIBUTE, TrimHandle
 from .errors import AlreadyTrimmedError
 from .methods import SelectionMethod, get_method
+from .selection import SCORING_BUFFER_BYTES
 
 __all__ = ["TrimHandle", "trim"]
 
@@ -20,6 +21,7 @@ def trim(
     method: SelectionMethod | str = "headwise_topk",
     *,
     trim_scoring_layer: bool = False,
+    scoring_buffer_bytes: int = SCORING_BUFFER_BYTES,
     **settings,
 ) -> TrimHandle:
     """Trim the cross-attended image features of `model` (this instance only).
@@ -29,6 +31,9 @@ def trim(
         method: a selection method instance, or a registered name (see `trimllama.METHODS`) whose
             settings are given as keyword arguments, e.g. `trim(model, "headwise_topk", head_k=0.1)`.
         trim_scoring_layer: also compact the first cross-attention layer's own cache after scoring.
+        scoring_buffer_bytes: bound on the transient memory of the head-wise scoring (at least 1 MiB; default
+            32 MiB). A larger buffer scores in fewer, larger chunks; the selection is the same unless the buffer
+            is too small for one KV group's 256 text rows (then rows are summed in smaller steps).
 
     Returns:
         A `TrimHandle`; use it as a context manager or call `remove()`.
@@ -38,6 +43,8 @@ def trim(
     existing = getattr(model, HANDLE_ATTRIBUTE, None)
     if existing is not None:
         raise AlreadyTrimmedError(f"this model is already trimmed by {existing!r}; remove() it first")
-    handle = adapter_class(model, method, trim_scoring_layer=trim_scoring_layer)
+    handle = adapter_class(
+        model, method, trim_scoring_layer=trim_scoring_layer, scoring_buffer_bytes=scoring_buffer_bytes
+    )
     setattr(model, HANDLE_ATTRIBUTE, handle)
     return handle

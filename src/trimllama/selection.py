@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-ROW_CHUNK = 256  # text rows scored at once, bounds the (batch, heads, rows, image_tokens) buffer
+ROW_CHUNK = 256  # text rows whose attention one reduction sums: the summation order of the scores
+SCORING_BUFFER_BYTES = 32 * 2**20  # default bound on the transient memory of `head_attention`
 
 
 def head_attention(
@@ -24,8 +25,15 @@ def head_attention(
     rows: torch.Tensor,
     scaling: float,
     reduce: str = "sum",
+    *,
+    buffer_bytes: int = SCORING_BUFFER_BYTES,
 ) -> torch.Tensor:
     """Per-head attention of the text rows over the image tokens, aggregated over rows.
+
+    Computed in chunks of (samples, heads, rows) whose logits fit `buffer_bytes`, so its transient memory
+    does not grow with batch size or prompt length. Rows are summed ROW_CHUNK at a time in every chunking
+    (the scores do not depend on `buffer_bytes`), unless one head's ROW_CHUNK rows alone exceed the buffer:
+    then fewer rows are summed at a time.
 
     Args:
         query: (batch, heads, text_len, head_dim), after q_norm.
@@ -34,6 +42,7 @@ def head_attention(
         rows: (batch, text_len) bool, the rows that take part (rows that see an image).
         scaling: softmax scale of the layer (head_dim ** -0.5).
         reduce: "sum" (total attention mass a token receives) or "max" (its peak over rows).
+        buffer_bytes: bound on the logits buffers of one chunk (in the key's dtype and in float32).
 
     Returns:
         (batch, heads, image_tokens) float32 scores; 0 for samples without any row. The logits are
@@ -43,27 +52,110 @@ def head_attention(
     kv_heads, image_tokens = key.shape[1], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    if reduce not in ("sum", "max"):
+        raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
     groups = heads // kv_heads
+    row_step, kv_step, batch_step = _chunking(
+        batch, kv_heads, groups, text_len, (image_tokens, head_dim), key.dtype, buffer_bytes
+    )
     key_t = key.transpose(-1, -2)  # (batch, kv_heads, head_dim, image_tokens), in the model's dtype
     scores = query.new_zeros((batch, heads, image_tokens), dtype=torch.float32)
-    for start in range(0, text_len, ROW_CHUNK):
-        stop = min(start + ROW_CHUNK, text_len)
-        chunk_rows = rows[:, start:stop]
-        if not chunk_rows.any():
-            continue
-        # the query heads of one KV group share its keys: stack them as rows of one matmul
-        # (batch, kv_heads, groups * rows, head_dim), so the keys are never repeated per head
-        q = query[:, :, start:stop].to(key.dtype).reshape(batch, kv_heads, groups * (stop - start), head_dim)
-        logits = torch.matmul(q, key_t).float().view(batch, heads, stop - start, image_tokens)
-        logits = logits * scaling + mask[:, :, start:stop].float()
-        probs = logits.softmax(dim=-1) * chunk_rows[:, None, :, None]
-        if reduce == "sum":
-            scores += probs.sum(dim=2)
-        elif reduce == "max":
-            scores = torch.maximum(scores, probs.amax(dim=2))
-        else:
-            raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+    for start in range(0, text_len, row_step):
+        stop = min(start + row_step, text_len)
+        for first in range(0, batch, batch_step):
+            samples = slice(first, min(first + batch_step, batch))
+            chunk_rows = rows[samples, start:stop]
+            if not chunk_rows.any():
+                continue
+            for kv_first in range(0, kv_heads, kv_step):
+                kv = slice(kv_first, min(kv_first + kv_step, kv_heads))
+                heads_of_kv = slice(kv.start * groups, kv.stop * groups)
+                _score_chunk(
+                    scores[samples, heads_of_kv],
+                    query[samples, heads_of_kv, start:stop],
+                    key_t[samples, kv],
+                    mask[samples, :, start:stop],
+                    chunk_rows,
+                    scaling,
+                    reduce,
+                )
     return scores
+
+
+def _chunking(
+    batch: int, kv_heads: int, groups: int, text_len: int, shape: tuple[int, int], dtype: torch.dtype, buffer_bytes: int
+) -> tuple[int, int, int]:
+    """(rows, KV heads, samples) per chunk whose buffers fit `buffer_bytes`.
+
+    A chunk's buffers, per sample: its query heads' logits in the key's dtype and their query copy; below float32,
+    one head's float32 logits and row sums (one head at a time); in float32, the row sums of every head.
+    Chunks cover whole KV groups, so every matmul has today's shape (groups * rows, head_dim) x (head_dim, tokens).
+    """
+    image_tokens, head_dim = shape
+    item = dtype.itemsize
+
+    def per_sample(rows: int, kv: int) -> int:
+        logits = kv * groups * rows * (image_tokens + head_dim) * item
+        if dtype == torch.float32:
+            return logits + kv * groups * image_tokens * 4
+        return logits + (rows + 1) * image_tokens * 4
+
+    rows = min(ROW_CHUNK, text_len)
+    if per_sample(rows, 1) > buffer_bytes:  # one KV group's ROW_CHUNK rows alone are too many: fewer rows
+        fixed, per_row = per_sample(0, 1), per_sample(1, 1) - per_sample(0, 1)
+        return max(1, (buffer_bytes - fixed) // per_row), 1, 1
+    kv_step = max(k for k in range(1, kv_heads + 1) if per_sample(rows, k) <= buffer_bytes)
+    return rows, kv_step, max(1, min(batch, buffer_bytes // per_sample(rows, kv_step)))
+
+
+def _score_chunk(
+    scores: torch.Tensor,
+    query: torch.Tensor,
+    key_t: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    scaling: float,
+    reduce: str,
+) -> None:
+    """Add one chunk's attention to `scores` (samples, heads, image_tokens) in place.
+
+    query: (samples, heads, rows, head_dim); key_t: (samples, kv_heads, head_dim, image_tokens), the KV heads
+    of these query heads; mask: (samples, 1, rows, image_tokens); rows: (samples, rows) bool.
+    """
+    samples, heads, count, head_dim = query.shape
+    kv_heads, image_tokens = key_t.shape[1], key_t.shape[-1]
+    # the query heads of one KV group share its keys: stack them as rows of one matmul
+    # (samples, kv_heads, heads / kv_heads * rows, head_dim), so the keys are never repeated per head
+    q = query.to(key_t.dtype).reshape(samples, kv_heads, heads // kv_heads * count, head_dim)
+    logits = torch.matmul(q, key_t).view(samples, heads, count, image_tokens)
+    # float32 logits in place; below float32, one head at a time, so that only one head's copy is alive
+    step = heads if logits.dtype == torch.float32 else 1
+    for head in range(0, heads, step):
+        probs = logits[:, head : head + step].float()
+        probs.mul_(scaling).add_(mask)
+        torch.softmax(probs, dim=-1, out=probs)
+        probs.mul_(rows[:, None, :, None])
+        if reduce == "sum":
+            scores[:, head : head + step] += probs.sum(dim=2)
+        else:
+            torch.maximum(scores[:, head : head + step], probs.amax(dim=2), out=scores[:, head : head + step])
+
+
+def visible_tokens(mask: torch.Tensor, rows: torch.Tensor, buffer_bytes: int = SCORING_BUFFER_BYTES) -> torch.Tensor:
+    """(batch, image_tokens) bool: the tokens some taking-part row sees (mask 0), a few rows at a time.
+
+    Args:
+        mask: (batch, 1, text_len, image_tokens) additive cross-attention mask.
+        rows: (batch, text_len) bool, the rows that take part.
+        buffer_bytes: bound on the boolean buffers of one step of rows.
+    """
+    batch, _, text_len, image_tokens = mask.shape
+    step = max(1, buffer_bytes // (2 * batch * image_tokens))  # two booleans per entry: mask == 0, and with rows
+    visible = torch.zeros((batch, image_tokens), dtype=torch.bool, device=mask.device)
+    for start in range(0, text_len, step):
+        seen = (mask[:, 0, start : start + step] == 0) & rows[:, start : start + step, None]
+        visible |= seen.any(dim=1)
+    return visible
 
 
 def counts_from_setting(setting: int | float, available: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..errors import InvalidSettingError
 from ..methods.base import SelectionMethod
+
+MIN_SCORING_BUFFER_BYTES = 2**20
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,16 @@ class TrimStats:
         record["kept_fraction"] = self.kept_fraction
         record["cross_kv_bytes_saved"] = self.cross_kv_bytes_saved
         return record
+
+
+def check_scoring_buffer_bytes(value) -> int:
+    """The `scoring_buffer_bytes` setting: an int of at least 1 MiB (the bound on scoring's transient memory)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < MIN_SCORING_BUFFER_BYTES:
+        raise InvalidSettingError(
+            f"scoring_buffer_bytes={value!r}: needs an integer number of bytes of at least {MIN_SCORING_BUFFER_BYTES} "
+            "(1 MiB)"
+        )
+    return value
 
 
 HANDLE_ATTRIBUTE = "_trimllama_handle"  # set on a trimmed model: its active handle

@@ -36,8 +36,8 @@ from transformers.models.mllama.modeling_mllama import (
 from ..errors import MissingImageError, ShapeMismatchError, UnsupportedModelError
 from ..methods.base import ImageTokens, SelectionMethod
 from ..plan import TrimPlan
-from ..selection import head_attention
-from .base import Adapter, TrimStats
+from ..selection import SCORING_BUFFER_BYTES, head_attention, visible_tokens
+from .base import Adapter, TrimStats, check_scoring_buffer_bytes
 
 # The transformers releases whose Mllama the core tests run on (.ci/run); trim() refuses any other unless opted in.
 TESTED_TRANSFORMERS = ("5.19.0", "5.23.0", "5.24.0")
@@ -80,13 +80,21 @@ class _Prefill:
 
 
 def _last_row_attention(
-    query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, scaling: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    scaling: float,
+    *,
+    buffer_bytes: int = SCORING_BUFFER_BYTES,
 ) -> torch.Tensor:
     """(batch, heads, image_tokens) attention of each sample's last text row that sees an image."""
     last = (torch.arange(rows.shape[1], device=rows.device) * rows).argmax(dim=1)  # (batch,)
     query_last = query.gather(2, last[:, None, None, None].expand(-1, query.shape[1], 1, query.shape[3]))
     mask_last = mask.gather(2, last[:, None, None, None].expand(-1, 1, 1, mask.shape[3]))
-    return head_attention(query_last, key, mask_last, rows.any(dim=1, keepdim=True), scaling)
+    return head_attention(
+        query_last, key, mask_last, rows.any(dim=1, keepdim=True), scaling, buffer_bytes=buffer_bytes
+    )
 
 
 class MllamaAdapter(Adapter):
@@ -95,11 +103,18 @@ class MllamaAdapter(Adapter):
     model_classes = ("MllamaForConditionalGeneration", "MllamaModel")
     model_types = ("mllama",)  # `config.model_type` of the checkpoints it wires
 
-    def __init__(self, model: nn.Module, method: SelectionMethod, trim_scoring_layer: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: SelectionMethod,
+        trim_scoring_layer: bool = False,
+        scoring_buffer_bytes: int = SCORING_BUFFER_BYTES,
+    ) -> None:
         check_transformers_version()
         super().__init__(model)
         self.method = method
         self.trim_scoring_layer = trim_scoring_layer
+        self.scoring_buffer_bytes = check_scoring_buffer_bytes(scoring_buffer_bytes)
         self.core: MllamaModel = model.model if isinstance(model, MllamaForConditionalGeneration) else model
         text_model = self.core.language_model
         cross_layers = sorted(int(index) for index in text_model.cross_attention_layers)
@@ -225,13 +240,16 @@ class MllamaAdapter(Adapter):
                 f"expected a bool mask of shape {tuple(tokens.valid.shape)}"
             )
         extra = self.method.extra_tokens(tokens, keep)
-        self.plan = TrimPlan.from_keep(keep, prefill.mask, prefill.row_visible, extra)
-        self._trimmed_states = self.plan.gather_states(prefill.states)
-        self._step_mask = self.plan.column_mask(prefill.mask, prefill.row_visible)
+        valid = tokens.num_valid.tolist()
+        states, mask, row_visible = prefill.states, prefill.mask, prefill.row_visible
+        del tokens, prefill  # the captured q/k and the scores: released before the kept features are gathered
+        self.plan = TrimPlan.from_keep(keep, mask, row_visible, extra)
+        self._trimmed_states = self.plan.gather_states(states)
+        self._step_mask = self.plan.column_mask(mask, row_visible)
         if self.trim_scoring_layer:
             self._compact_scoring_cache(kwargs.get(_CACHE_ARGUMENT))
         self.kept = self.plan.kept_indices()
-        self._record_stats(tokens)
+        self._record_stats(valid)
 
     def _before_trimmed_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         device = args[0].device if args else kwargs["hidden_states"].device
@@ -270,14 +288,14 @@ class MllamaAdapter(Adapter):
         if prefill.query is None or prefill.key is None:
             raise ShapeMismatchError("the scoring layer ran without its q_norm/k_norm; unsupported Mllama variant")
         rows = prefill.row_visible[:, 0, :, 0] > 0  # (batch, text_len)
-        visible = (prefill.mask[:, 0] == 0) & rows[:, :, None]  # (batch, text_len, image_tokens)
-        scaling = float(self.attention.scaling)
+        scoring = (prefill.query, prefill.key, prefill.mask, rows, float(self.attention.scaling))
+        buffer = {"buffer_bytes": self.scoring_buffer_bytes}
         return ImageTokens(
             features=prefill.states,
-            valid=visible.any(dim=1),
+            valid=visible_tokens(prefill.mask, rows, self.scoring_buffer_bytes),
             layout=self._layout,
-            attention=partial(head_attention, prefill.query, prefill.key, prefill.mask, rows, scaling),
-            last_row_attention=partial(_last_row_attention, prefill.query, prefill.key, prefill.mask, rows, scaling),
+            attention=partial(head_attention, *scoring, **buffer),
+            last_row_attention=partial(_last_row_attention, *scoring, **buffer),
         )
 
     def _bytes_per_token(self) -> int:
@@ -294,14 +312,13 @@ class MllamaAdapter(Adapter):
         layer.keys = layer.keys.gather(2, index).masked_fill(padding, 0)
         layer.values = layer.values.gather(2, index).masked_fill(padding, 0)
 
-    def _record_stats(self, tokens: ImageTokens) -> None:
+    def _record_stats(self, valid: list[int]) -> None:
         plan = self.plan
         per_token = self._bytes_per_token()
         layers_total = 1 + len(self.trimmed_indices)
         batch, num_tokens = plan.batch_size, plan.num_tokens
         kept = plan.kept_counts().tolist()
         extra = plan.extra_counts().tolist()
-        valid = tokens.num_valid.tolist()
         scoring_tokens = kept if self.trim_scoring_layer else valid
         later = len(self.trimmed_indices)
         self.stats = TrimStats(
