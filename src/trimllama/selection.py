@@ -88,7 +88,8 @@ def _chunking(
     """(rows, KV heads, samples) per chunk whose buffers fit `buffer_bytes`.
 
     A chunk's buffers, per sample: its query heads' logits in the key's dtype and their query copy; below float32,
-    one head's float32 logits and row sums (one head at a time); in float32, the row sums of every head.
+    one head's float32 logits and row sums (one head at a time); in float32, the row sums of every head. Row sums
+    count twice: the reduction may take a buffer of the result's size.
     Chunks cover whole KV groups, so every matmul has today's shape (groups * rows, head_dim) x (head_dim, tokens).
     """
     image_tokens, head_dim = shape
@@ -97,8 +98,8 @@ def _chunking(
     def per_sample(rows: int, kv: int) -> int:
         logits = kv * groups * rows * (image_tokens + head_dim) * item
         if dtype == torch.float32:
-            return logits + kv * groups * image_tokens * 4
-        return logits + (rows + 1) * image_tokens * 4
+            return logits + 2 * kv * groups * image_tokens * 4
+        return logits + (rows + 2) * image_tokens * 4
 
     rows = min(ROW_CHUNK, text_len)
     if per_sample(rows, 1) > buffer_bytes:  # one KV group's ROW_CHUNK rows alone are too many: fewer rows

@@ -74,14 +74,22 @@ def describe_method(device: torch.device) -> str:
 
 
 def _peak_allocated(profiler: profile) -> int:
-    """Largest running total of bytes allocated (and not yet freed) while the profiler ran."""
-    peak, pending = 0, list(profiler.profiler.kineto_results.experimental_event_tree())
+    """Largest running total of bytes allocated (and not yet freed) while the profiler ran.
+
+    The allocator's running total is process-wide and is not decreased by frees made while no profiler runs
+    (a tensor allocated in one profiled block and freed after it stays counted), so the total before the
+    block's first allocation is subtracted.
+    """
+    events, pending = [], list(profiler.profiler.kineto_results.experimental_event_tree())
     while pending:
         node = pending.pop()
         pending.extend(node.children)
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            peak = max(peak, node.extra_fields.total_allocated)
-    return peak
+            events.append((node.start_time_ns, node.extra_fields.total_allocated, node.extra_fields.alloc_size))
+    if not events:
+        return 0
+    _, first_total, first_size = min(events)
+    return max(total for _, total, _ in events) - (first_total - first_size)
 
 
 @contextlib.contextmanager
