@@ -30,6 +30,7 @@ from trimllama.testing import SampleSpec, synthetic_batch, tiny_mllama
 
 RUN_FIELDS = {
     "batch_size",
+    "prompt_len",
     "arm",
     "kind",
     "fraction",
@@ -39,6 +40,12 @@ RUN_FIELDS = {
     "trimmed_layers_kv_bytes",
     "total_kv_bytes",
     "peak_memory_bytes",
+    "prefill_peak_bytes",
+    "decode_peak_bytes",
+    "prefill_hook_seconds",
+    "prefill_profiled_seconds",
+    "decode_hook_seconds",
+    "decode_profiled_seconds",
     "prefill_seconds",
     "decode_seconds_per_token",
     "tokens_per_second",
@@ -81,8 +88,9 @@ def test_every_arm_is_measured_at_every_batch_size(smoke):
         "ideal@0.25",
         "remainder@0.25",
     ]
-    assert {(run["batch_size"], run["arm"]) for run in summary["runs"]} == {
-        (batch, name) for batch in config["batch_sizes"] for name in names
+    assert len(config["prompt_lens"]) == 2
+    assert {(run["batch_size"], run["prompt_len"], run["arm"]) for run in summary["runs"]} == {
+        (batch, prompt, name) for batch in config["batch_sizes"] for prompt in config["prompt_lens"] for name in names
     }
     for run in summary["runs"]:
         assert set(run) == RUN_FIELDS
@@ -91,16 +99,23 @@ def test_every_arm_is_measured_at_every_batch_size(smoke):
             math.isfinite(value) and value > 0
             for value in run["prefill_seconds_runs"] + run["decode_seconds_per_token_runs"]
         )
-        assert run["peak_memory_bytes"] > summary["model"]["weight_bytes"]
+        assert run["peak_memory_bytes"] == max(run["prefill_peak_bytes"], run["decode_peak_bytes"])
+        # the decode step's peak counts the prefill's cache, which is alive through it
+        assert run["decode_peak_bytes"] > summary["model"]["weight_bytes"] + run["cross_kv_bytes"]
+        assert run["prefill_peak_bytes"] > summary["model"]["weight_bytes"]
+        hooked = run["kind"] in ("trimmed", "remainder", "ideal")
+        assert (run["decode_hook_seconds"] > 0) == hooked and (run["prefill_hook_seconds"] > 0) == hooked
+        assert run["prefill_hook_seconds"] < run["prefill_profiled_seconds"]
+        assert run["decode_hook_seconds"] < run["decode_profiled_seconds"]
         assert run["tokens_per_second"] == pytest.approx(run["batch_size"] / run["decode_seconds_per_token"])
 
 
 def test_trimmed_layers_hold_exactly_the_kept_fraction_of_the_cache(smoke):
     summary, _ = smoke
     tokens = SMOKE_SHAPE.tokens_per_image
-    untrimmed = {run["batch_size"]: run for run in summary["runs"] if run["kind"] == "untrimmed"}
+    untrimmed = {(run["batch_size"], run["prompt_len"]): run for run in summary["runs"] if run["kind"] == "untrimmed"}
     for run in summary["runs"]:
-        reference = untrimmed[run["batch_size"]]
+        reference = untrimmed[(run["batch_size"], run["prompt_len"])]
         kept = Fraction(run["kept_tokens"] + run["extra_tokens"], tokens)
         if run["kind"] != "untrimmed":
             assert Fraction(run["trimmed_layers_kv_bytes"], reference["trimmed_layers_kv_bytes"]) == kept
@@ -119,23 +134,35 @@ def test_ideal_arm_generates_what_the_trimmed_arm_generates(smoke):
 
 def test_comparisons_targets_and_memory_budget_are_reported(smoke):
     summary, _ = smoke
-    batches, fractions = summary["config"]["batch_sizes"], summary["config"]["fractions"]
-    assert {(row["batch_size"], row["fraction"]) for row in summary["comparisons"]} == {
-        (batch, fraction) for batch in batches for fraction in fractions
+    config = summary["config"]
+    batches, fractions, prompts = config["batch_sizes"], config["fractions"], config["prompt_lens"]
+    assert {(row["batch_size"], row["prompt_len"], row["fraction"]) for row in summary["comparisons"]} == {
+        (batch, prompt, fraction) for batch in batches for prompt in prompts for fraction in fractions
     }
     for row in summary["comparisons"]:
         assert ("remainder" in row) == (row["fraction"] < 1.0)
         assert (row["decode_saving_of_predicted"] is None) == (row["fraction"] == 1.0)
+        assert 0 < row["selection_share_of_prefill"] < 1 and row["decode_hook_share_of_ideal_step"] > 0
     assert set(summary["targets"]) == {
         "trimmed_layers_kv_equals_kept_fraction",
         "prefill_overhead_vs_ideal",
         "decode_overhead_vs_ideal",
         "decode_saving_of_predicted_at_largest_batch",
+        "prefill_peak_over_ideal",
+        "decode_hook_share_of_ideal_step",
+        "max_batch_by_peak_vs_untrimmed",
     }
     budget = summary["memory_budget"]
-    assert set(budget["arms"]) == {arm["name"] for arm in summary["arms"] if arm["kind"] != "ideal"}
-    capacity = {name: record["max_batch_from_cache"] for name, record in budget["arms"].items()}
-    assert capacity["trimmed@0.25"] > capacity["untrimmed"]
+    assert set(budget["by_prompt_len"]) == {str(prompt) for prompt in prompts}
+    for arms in budget["by_prompt_len"].values():
+        assert set(arms) == {arm["name"] for arm in summary["arms"]}
+        capacity = {name: record["max_batch_from_cache"] for name, record in arms.items()}
+        assert capacity["trimmed@0.25"] > capacity["untrimmed"]
+        for record in arms.values():
+            fits = [record["max_batch_from_prefill_peak"], record["max_batch_from_decode_peak"]]
+            assert record["max_batch_from_peak"] == min(fit for fit in fits if fit is not None)
+    tables = (smoke[1] / "bench.md").read_text()
+    assert "prefill peak MiB" in tables and "max batch (peak)" in tables
 
 
 def test_model_is_described_exactly(smoke):
@@ -192,6 +219,7 @@ def test_cli_smoke_run_writes_valid_json(tmp_path):
         (["--new-tokens", "1"], "--new-tokens 1: needs at least 2"),
         (["--memory-budget", "lots"], "--memory-budget 'lots': expected a size"),
         (["--batch-sizes", "2,2"], "--batch-sizes (2, 2): a value repeats"),
+        (["--prompt-len", "32,2"], "--prompt-lens (32, 2): each needs at least 3 tokens"),
         (["--full", "--smoke"], "--full and --smoke exclude each other"),
     ],
 )

@@ -14,6 +14,20 @@ Decode steps pass `cross_attention_states=None`; the later layers read their (tr
 the mask that `MllamaModel` rebuilds from the untrimmed tile layout is gathered with the plan's indices.
 A text-only forward (no image given, none cached) passes through untouched, as untrimmed: Mllama
 skips its cross-attention layers, and the stats report zero image tokens.
+
+Memory. What trimming adds is largest in the scoring layer's post-hook, where the selection is made. Alive then:
+    the model's own tensors, untrimmed or not: the full image features (batch, image_tokens, hidden), which
+        Mllama holds for the whole forward pass, its additive mask (batch, 1, text_len, image_tokens), the hidden
+        states, and the scoring layer's full keys and values in the cache;
+    held by the hooks until the selection is made: the scoring layer's own q (batch, heads, text_len, head_dim)
+        and k (batch, kv_heads, image_tokens, head_dim), captured from q_norm/k_norm instead of projected again;
+    the scoring's buffers, at most `scoring_buffer_bytes` (selection.head_attention chunks samples, KV groups
+        and rows), the visible-token mask built a few rows at a time within the same bound, and the scores
+        (batch, heads, image_tokens) float32.
+Then q, k and the scores are released, and the kept features (batch, kept, hidden) and the prefill's mask of
+the kept columns (batch, 1, text_len, kept) are built once, shared by every later layer, and dropped when the
+text model returns (the plan's indices stay for the decode steps). Nothing of the trimming grows with
+batch x text_len x image_tokens x heads, so the trimmed prefill peaks where the untrimmed one does.
 """
 
 from __future__ import annotations
@@ -65,7 +79,7 @@ def check_transformers_version() -> None:
 
 @dataclass
 class _Prefill:
-    """Inputs of the scoring layer on a prefill, held until the selection is made.
+    """Inputs of the scoring layer on a prefill, held until the selection is made and released right after it.
 
     states: (batch, image_tokens, hidden); mask: (batch, 1, text_len, image_tokens) additive;
     row_visible: (batch, 1, text_len, 1); query: (batch, heads, text_len, head_dim);

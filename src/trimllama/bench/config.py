@@ -20,16 +20,20 @@ class DeviceDefaults:
     batch_sizes: tuple[int, ...]
     repeats: int
     new_tokens: int
-    prompt_len: int
+    prompt_lens: tuple[int, ...]
     memory_budget: int
 
 
 DEFAULTS = {
-    "cpu": DeviceDefaults(batch_sizes=(1, 4, 16), repeats=3, new_tokens=6, prompt_len=16, memory_budget=8 * 2**30),
-    "cuda": DeviceDefaults(
-        batch_sizes=(1, 8, 32, 64), repeats=5, new_tokens=32, prompt_len=64, memory_budget=60 * 2**30
+    "cpu": DeviceDefaults(
+        batch_sizes=(1, 4, 16), repeats=3, new_tokens=6, prompt_lens=(16,), memory_budget=8 * 2**30
     ),
-    "smoke": DeviceDefaults(batch_sizes=(1, 2), repeats=2, new_tokens=3, prompt_len=6, memory_budget=16 * 2**20),
+    "cuda": DeviceDefaults(
+        batch_sizes=(1, 8, 32, 64), repeats=5, new_tokens=32, prompt_lens=(32, 256, 1024), memory_budget=60 * 2**30
+    ),
+    "smoke": DeviceDefaults(
+        batch_sizes=(1, 2), repeats=2, new_tokens=3, prompt_lens=(6, 40), memory_budget=16 * 2**20
+    ),
 }
 
 
@@ -42,8 +46,8 @@ class BenchConfig:
         dtype: weights and activations, "bfloat16" (default; float32 for the smoke run), "float32", "float16".
         full: the real 40-layer text model, no shared weights (needs a GPU: about 20 GB of bf16 weights).
         layers: decoder layers (multiple of 5, >= 20); default 20 with shared weights, 40 with `full`.
-        batch_sizes, fractions, repeats, new_tokens, prompt_len: what is measured; fractions of the
-            6404 image tokens per sample kept by the trimmed layers.
+        batch_sizes, fractions, repeats, new_tokens, prompt_lens: what is measured (every batch size at every
+            prompt length); fractions of the 6404 image tokens per sample kept by the trimmed layers.
         memory_budget: bytes for the largest-batch estimate.
         smoke: tiny widths (hidden 64, 68 image tokens per sample): checks that everything runs, nothing more.
     """
@@ -56,7 +60,7 @@ class BenchConfig:
     fractions: tuple[float, ...] = (1.0, 0.5, 0.25)
     repeats: int | None = None
     new_tokens: int | None = None
-    prompt_len: int | None = None
+    prompt_lens: tuple[int, ...] | None = None
     memory_budget: int | None = None
     smoke: bool = False
     seed: int = 0
@@ -71,7 +75,7 @@ class BenchConfig:
         self.fractions = tuple(self.fractions)
         self.repeats = _default(self.repeats, self.defaults.repeats)
         self.new_tokens = _default(self.new_tokens, self.defaults.new_tokens)
-        self.prompt_len = _default(self.prompt_len, self.defaults.prompt_len)
+        self.prompt_lens = tuple(_default(self.prompt_lens, self.defaults.prompt_lens))
         self.memory_budget = _default(self.memory_budget, self.defaults.memory_budget)
         self._check()
 
@@ -93,20 +97,24 @@ class BenchConfig:
         check_layer_count(self.layers)
         if not self.batch_sizes or not all(_positive_int(batch) for batch in self.batch_sizes):
             raise InvalidSettingError(f"batch_sizes={self.batch_sizes}: needs positive integers")
-        for name in ("repeats", "new_tokens", "prompt_len"):
+        for name in ("repeats", "new_tokens"):
             if not _positive_int(getattr(self, name)):
                 raise InvalidSettingError(f"{name}={getattr(self, name)!r}: needs a positive integer")
         if self.new_tokens < 2:
             raise InvalidSettingError(
                 f"new_tokens={self.new_tokens}: needs at least 2 (the prefill's token and one decode step)"
             )
-        if self.prompt_len < 3:
+        if not self.prompt_lens or not all(_positive_int(length) and length >= 3 for length in self.prompt_lens):
             raise InvalidSettingError(
-                f"prompt_len={self.prompt_len}: needs at least 3 (<bos>, <|image|> and a text token)"
+                f"prompt_lens={self.prompt_lens}: each needs at least 3 tokens (<bos>, <|image|> and a text token)"
             )
         if not self.fractions or any(not 0.0 < f <= 1.0 for f in self.fractions):
             raise InvalidSettingError(f"fractions={self.fractions}: kept fractions must lie in (0, 1]")
-        for name, values in (("batch_sizes", self.batch_sizes), ("fractions", self.fractions)):
+        for name, values in (
+            ("batch_sizes", self.batch_sizes),
+            ("fractions", self.fractions),
+            ("prompt_lens", self.prompt_lens),
+        ):
             if len(set(values)) != len(values):
                 raise InvalidSettingError(f"{name}={values}: a value repeats")
         smallest = min(round(f * self.shape.tokens_per_image) for f in self.fractions)
@@ -135,7 +143,12 @@ class BenchConfig:
 
     def as_dict(self) -> dict:
         record = {name: value for name, value in asdict(self).items() if name != "defaults"}
-        return {**record, "batch_sizes": list(self.batch_sizes), "fractions": list(self.fractions)}
+        return {
+            **record,
+            "batch_sizes": list(self.batch_sizes),
+            "fractions": list(self.fractions),
+            "prompt_lens": list(self.prompt_lens),
+        }
 
 
 def _positive_int(value) -> bool:

@@ -41,44 +41,66 @@ class DecodeRun:
     cache: DynamicCache
 
 
-@torch.inference_mode()
-def greedy_decode(model: MllamaForConditionalGeneration, inputs: BenchInputs, new_tokens: int) -> DecodeRun:
-    """Prefill `inputs`, then decode `new_tokens - 1` more tokens greedily, one forward pass each."""
-    device = inputs.input_ids.device
-    attention_mask = inputs.attention_mask
-    step_tile_mask = inputs.cross_attention_mask[
-        :, -1:
-    ]  # (batch, 1, images, tiles): the new token sees what the last did
-    synchronize(device)
-    start = time.perf_counter()
-    output = model(
-        input_ids=inputs.input_ids,
-        attention_mask=attention_mask,
-        cross_attention_states=inputs.cross_attention_states,
-        cross_attention_mask=inputs.cross_attention_mask,
-        use_cache=True,
-        logits_to_keep=1,
-    )
-    token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
-    synchronize(device)
-    prefill_seconds = time.perf_counter() - start
-    cache, tokens, step_seconds = output.past_key_values, [token], []
-    for _ in range(new_tokens - 1):
+class Decoder:
+    """Greedy decoding one forward pass at a time: `prefill()`, then `step()` per new token.
+
+    Attributes:
+        tokens: generated ids so far, one (batch, 1) tensor per pass.
+        cache: the DynamicCache after the last pass.
+    """
+
+    def __init__(self, model: MllamaForConditionalGeneration, inputs: BenchInputs) -> None:
+        self.model, self.inputs = model, inputs
+        self.attention_mask = inputs.attention_mask
+        # (batch, 1, images, tiles): the new token sees what the last prompt token did
+        self.step_tile_mask = inputs.cross_attention_mask[:, -1:]
+        self.tokens: list[torch.Tensor] = []
+        self.cache: DynamicCache | None = None
+
+    @torch.inference_mode()
+    def prefill(self) -> float:
+        """The prefill forward pass and its argmax; returns its seconds."""
+        inputs, device = self.inputs, self.inputs.input_ids.device
+        synchronize(device)
         start = time.perf_counter()
-        attention_mask = torch.cat([attention_mask, torch.ones_like(token)], dim=1)
-        output = model(
+        output = self.model(
+            input_ids=inputs.input_ids,
+            attention_mask=self.attention_mask,
+            cross_attention_states=inputs.cross_attention_states,
+            cross_attention_mask=inputs.cross_attention_mask,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self.tokens.append(output.logits[:, -1].argmax(dim=-1, keepdim=True))
+        synchronize(device)
+        self.cache = output.past_key_values
+        return time.perf_counter() - start
+
+    @torch.inference_mode()
+    def step(self) -> float:
+        """One decode step after the prefill; returns its seconds."""
+        token, device = self.tokens[-1], self.inputs.input_ids.device
+        start = time.perf_counter()
+        self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(token)], dim=1)
+        output = self.model(
             input_ids=token,
-            attention_mask=attention_mask,
+            attention_mask=self.attention_mask,
             cross_attention_states=None,
-            cross_attention_mask=step_tile_mask,
-            past_key_values=cache,
+            cross_attention_mask=self.step_tile_mask,
+            past_key_values=self.cache,
             use_cache=True,
         )
-        token = output.logits[:, -1].argmax(dim=-1, keepdim=True)
+        self.tokens.append(output.logits[:, -1].argmax(dim=-1, keepdim=True))
         synchronize(device)
-        step_seconds.append(time.perf_counter() - start)
-        tokens.append(token)
-    return DecodeRun(torch.cat(tokens, dim=1), prefill_seconds, step_seconds, cache)
+        return time.perf_counter() - start
+
+
+def greedy_decode(model: MllamaForConditionalGeneration, inputs: BenchInputs, new_tokens: int) -> DecodeRun:
+    """Prefill `inputs`, then decode `new_tokens - 1` more tokens greedily, one forward pass each."""
+    decoder = Decoder(model, inputs)
+    prefill_seconds = decoder.prefill()
+    step_seconds = [decoder.step() for _ in range(new_tokens - 1)]
+    return DecodeRun(torch.cat(decoder.tokens, dim=1), prefill_seconds, step_seconds, decoder.cache)
 
 
 def cache_bytes(cache: DynamicCache) -> dict[int, int]:

@@ -1,9 +1,10 @@
-"""The measurement loop: every arm at every batch size, interleaved, several repetitions.
+"""The measurement loop: every arm at every prompt length and batch size, interleaved, several repetitions.
 
-Per batch size:
+Per prompt length and batch size:
     1. one untimed pass over the arms (untrimmed, then per fraction trimmed, ideal, remainder), a prefill
-       and one decode step each: it warms the kernels, measures peak memory, and keeps the trimmed arm's
-       kept indices for the ideal arm;
+       and one decode step each: it warms the kernels, measures the peak memory of the prefill and of the
+       decode step separately, and the time of trimllama's hooks in each (profiler), and keeps the trimmed
+       arm's kept indices for the ideal arm;
     2. `repeats` timed passes, each over all arms, the order rotated by one arm per pass, so that drift
        (thermal, other processes) hits every arm alike. Medians over the passes are reported. The first
        pass also reads the cache bytes and checks the generated tokens (trimmed@1.0 = untrimmed,
@@ -24,17 +25,17 @@ import transformers
 from .. import __version__
 from .arms import Arm, IdealFeatures, activate, arms_for
 from .config import BenchConfig
-from .decode import cache_bytes, greedy_decode
+from .decode import Decoder, cache_bytes, greedy_decode
 from .memory import PeakMemory, describe_method
 from .model import LLAMA_32_11B_VISION, BenchInputs, BenchModel, build_model, make_inputs
 
 Progress = Callable[[str], None]
-WARM_UP_TOKENS = 2
 
 
 def total_runs(config: BenchConfig) -> int:
     """Runs `run_benchmark` makes (for a progress bar)."""
-    return len(config.batch_sizes) * len(arms_for(list(config.fractions))) * (1 + config.repeats)
+    arms = len(arms_for(list(config.fractions)))
+    return len(config.prompt_lens) * len(config.batch_sizes) * arms * (1 + config.repeats)
 
 
 def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict:
@@ -44,10 +45,11 @@ def run_benchmark(config: BenchConfig, progress: Progress | None = None) -> dict
     bench = build_model(config.shape, config.torch_device, config.torch_dtype, config.share_weights, config.seed)
     arms = arms_for(list(config.fractions))
     runs = []
-    for batch_size in config.batch_sizes:
-        inputs = make_inputs(bench, batch_size, config.prompt_len, seed=config.seed + batch_size)
-        runs += _measure_batch(bench, inputs, arms, config, progress or (lambda label: None))
-        del inputs
+    for prompt_len in config.prompt_lens:
+        for batch_size in config.batch_sizes:
+            inputs = make_inputs(bench, batch_size, prompt_len, seed=config.seed + batch_size)
+            runs += _measure_batch(bench, inputs, arms, config, progress or (lambda label: None))
+            del inputs
     return {
         "benchmark": "trimllama bench",
         "trimllama_version": __version__,
@@ -75,7 +77,7 @@ def _measure_batch(
     for repeat in range(config.repeats):
         shift = repeat % len(arms)
         for arm in arms[shift:] + arms[:shift]:
-            progress(f"batch {inputs.batch_size} {arm.name} (repeat {repeat + 1}/{config.repeats})")
+            progress(f"{_where(inputs)} {arm.name} (repeat {repeat + 1}/{config.repeats})")
             with activate(arm, bench.model, arm.budget(bench.shape.tokens_per_image), ideal.get(arm.fraction)):
                 run = greedy_decode(bench.model, inputs, config.new_tokens)
             record = records[arm.name]
@@ -94,32 +96,49 @@ def _measure_batch(
     return list(records.values())
 
 
+def _where(inputs: BenchInputs) -> str:
+    return f"batch {inputs.batch_size} x {inputs.input_ids.shape[1]} tokens"
+
+
 def _warm_up(
     bench: BenchModel, inputs: BenchInputs, arms: list[Arm], progress: Progress
 ) -> tuple[dict[str, dict], dict[float, IdealFeatures]]:
-    """One untimed prefill + decode step per arm: kernels warmed for both shapes, peak memory (the
-    prefill's: a decode step adds one token per layer), extra tokens, and the ideal arms' features."""
+    """One untimed prefill + decode step per arm, each under the profiler: kernels warmed for both shapes, the
+    peak memory of the prefill and of the step, the time of trimllama's hooks in each, extra tokens, and the
+    ideal arms' features."""
     records: dict[str, dict] = {}
     ideal: dict[float, IdealFeatures] = {}
     for arm in arms:
-        progress(f"batch {inputs.batch_size} {arm.name} (warm-up, memory)")
+        progress(f"{_where(inputs)} {arm.name} (warm-up, memory)")
         baseline = bench.weight_bytes + inputs.nbytes + (ideal[arm.fraction].nbytes if arm.kind == "ideal" else 0)
         budget = arm.budget(bench.shape.tokens_per_image)
         with activate(arm, bench.model, budget, ideal.get(arm.fraction)) as handle:
-            with PeakMemory(bench.device, baseline) as memory:
-                greedy_decode(bench.model, inputs, new_tokens=WARM_UP_TOKENS)
+            decoder = Decoder(bench.model, inputs)
+            with PeakMemory(bench.device, baseline, hook_times=True) as prefill:
+                decoder.prefill()
+            cache = sum(cache_bytes(decoder.cache).values())  # alive through the step
+            with PeakMemory(bench.device, baseline + cache, hook_times=True) as step:
+                decoder.step()
             kept = [index.clone() for index in handle.kept] if handle is not None else None
             extra = max(handle.stats.extra_tokens) if handle is not None else 0
+            del decoder
         if arm.kind == "trimmed" and arm.fraction < 1.0:
             ideal[arm.fraction] = IdealFeatures.from_kept(kept, inputs, bench.shape.tokens_per_tile)
         records[arm.name] = {
             "batch_size": inputs.batch_size,
+            "prompt_len": int(inputs.input_ids.shape[1]),
             "arm": arm.name,
             "kind": arm.kind,
             "fraction": arm.fraction,
             "kept_tokens": budget,
             "extra_tokens": extra,
-            "peak_memory_bytes": memory.peak_bytes,
+            "prefill_peak_bytes": prefill.peak_bytes,
+            "decode_peak_bytes": step.peak_bytes,
+            "peak_memory_bytes": max(prefill.peak_bytes, step.peak_bytes),
+            "prefill_hook_seconds": prefill.hook_seconds,
+            "prefill_profiled_seconds": prefill.seconds,
+            "decode_hook_seconds": step.hook_seconds,
+            "decode_profiled_seconds": step.seconds,
             "prefill_seconds_runs": [],
             "decode_seconds_per_token_runs": [],
         }

@@ -13,10 +13,11 @@ from .options import CommandError, progress_bar
 _DESCRIPTION = """\
 Builds a randomly initialised Mllama with the text widths of Llama-3.2-11B-Vision (hidden 4096, 32 heads,
 8 KV heads, MLP 14336, cross-attention every fifth layer from layer 3) and feeds it precomputed image
-features of 1 image x 4 tiles x 1601 tokens per sample. Per batch size it measures, interleaved over
-several repetitions: cross-attention and total KV bytes, peak memory, prefill latency, decode time per
-token and tokens/s of four arms: untrimmed; trimmed (HeadwiseTopK, fixed budget); ideal (the model
-handed only the kept features: no scoring, no gathering); trimmed + remainder (MergeRemainder).
+features of 1 image x 4 tiles x 1601 tokens per sample. Per prompt length and batch size it measures,
+interleaved over several repetitions: cross-attention and total KV bytes, the peak memory of the prefill
+and of a decode step, the time of trimllama's hooks (profiler), prefill latency, decode time per token and
+tokens/s of four arms: untrimmed; trimmed (HeadwiseTopK, fixed budget); ideal (the model handed only the
+kept features: no scoring, no gathering); trimmed + remainder (MergeRemainder).
 Default: 20 layers with shared weights (16 self + 4 cross). --full: the real 40-layer model on a GPU.
 Writes bench.json, bench.png and bench.md to --out."""
 
@@ -56,9 +57,12 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     add(
         "--prompt-len",
-        type=int,
+        "--prompt-lens",
+        dest="prompt_lens",
+        type=_int_list,
         default=None,
-        help=f"prompt tokens per sample (default CPU {cpu.prompt_len}, GPU {gpu.prompt_len})",
+        help="prompt tokens per sample, comma-separated: every batch size runs at every length "
+        f"(default CPU {_join(cpu.prompt_lens)}; GPU {_join(gpu.prompt_lens)})",
     )
     add(
         "--memory-budget",
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             fractions=args.fractions or BenchConfig.fractions,
             repeats=args.repeats,
             new_tokens=args.new_tokens,
-            prompt_len=args.prompt_len,
+            prompt_lens=args.prompt_lens,
             memory_budget=None if args.memory_budget is None else parse_bytes(args.memory_budget),
             smoke=args.smoke,
             seed=args.seed,
@@ -139,7 +143,7 @@ def _as_flags(message: str) -> str:
 
 
 _SETTING = re.compile(
-    r"\b(device|dtype|full|smoke|layers|batch_sizes|fractions|repeats|new_tokens|prompt_len|memory_budget)=(True\b)?"
+    r"\b(device|dtype|full|smoke|layers|batch_sizes|fractions|repeats|new_tokens|prompt_lens|memory_budget)=(True\b)?"
 )
 def _advance(bar, label: str) -> None:
     bar.set_description(label)
