@@ -184,11 +184,13 @@ def test_the_shipped_testbed_keeps_what_the_unbounded_scoring_keeps(monkeypatch)
     kept = {}
     for name, buffer in (("bounded", SCORING_BUFFER_BYTES), ("small", 2**20), ("reference", None)):
         if buffer is None:
-            monkeypatch.setattr(mllama_adapter, "head_attention", lambda *args, buffer_bytes: reference_head_attention(*args))
+            unbounded = lambda *args, buffer_bytes: reference_head_attention(*args)  # noqa: E731
+            monkeypatch.setattr(mllama_adapter, "head_attention", unbounded)
             buffer = SCORING_BUFFER_BYTES
-        with torch.no_grad(), trimllama.trim(model, trimllama.HeadwiseTopK(head_k=0.1), scoring_buffer_bytes=buffer) as h:
+        method = trimllama.HeadwiseTopK(head_k=0.1)
+        with torch.no_grad(), trimllama.trim(model, method, scoring_buffer_bytes=buffer) as handle:
             model(**inputs)
-        kept[name] = h.kept
+        kept[name] = handle.kept
     for name in ("bounded", "small"):
         assert all(torch.equal(a, b) for a, b in zip(kept[name], kept["reference"])), name
 

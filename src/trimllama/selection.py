@@ -30,10 +30,10 @@ def head_attention(
 ) -> torch.Tensor:
     """Per-head attention of the text rows over the image tokens, aggregated over rows.
 
-    Computed in chunks of (samples, heads, rows) whose logits fit `buffer_bytes`, so its transient memory
-    does not grow with batch size or prompt length. Rows are summed ROW_CHUNK at a time in every chunking
-    (the scores do not depend on `buffer_bytes`), unless one head's ROW_CHUNK rows alone exceed the buffer:
-    then fewer rows are summed at a time.
+    Computed in chunks of (samples, KV groups, rows) whose buffers fit `buffer_bytes`, so its transient memory
+    does not grow with batch size or prompt length. Every chunking multiplies and sums exactly as one chunk of
+    ROW_CHUNK rows over the whole batch would (the scores do not depend on `buffer_bytes`), unless one KV
+    group's ROW_CHUNK rows of one sample alone exceed the buffer: then fewer rows are summed at a time.
 
     Args:
         query: (batch, heads, text_len, head_dim), after q_norm.
@@ -42,7 +42,7 @@ def head_attention(
         rows: (batch, text_len) bool, the rows that take part (rows that see an image).
         scaling: softmax scale of the layer (head_dim ** -0.5).
         reduce: "sum" (total attention mass a token receives) or "max" (its peak over rows).
-        buffer_bytes: bound on the logits buffers of one chunk (in the key's dtype and in float32).
+        buffer_bytes: bound on the buffers of one chunk (logits in the key's dtype and in float32, row sums).
 
     Returns:
         (batch, heads, image_tokens) float32 scores; 0 for samples without any row. The logits are
@@ -90,7 +90,8 @@ def _chunking(
     A chunk's buffers, per sample: its query heads' logits in the key's dtype and their query copy; below float32,
     one head's float32 logits and row sums (one head at a time); in float32, the row sums of every head. Row sums
     count twice: the reduction may take a buffer of the result's size.
-    Chunks cover whole KV groups, so every matmul has today's shape (groups * rows, head_dim) x (head_dim, tokens).
+    Chunks cover whole KV groups, so every matmul is (groups * rows, head_dim) x (head_dim, tokens) per sample and
+    KV head, as in one chunk over the whole batch.
     """
     image_tokens, head_dim = shape
     item = dtype.itemsize

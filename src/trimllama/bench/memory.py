@@ -56,7 +56,9 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._start_bytes = torch.cuda.memory_allocated(self.device)
         if not cuda or self.hook_times:
-            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=not cuda, with_stack=self.hook_times)
+            self._profiler = profile(
+                activities=[ProfilerActivity.CPU], profile_memory=not cuda, with_stack=self.hook_times
+            )
             with _quiet_stderr():
                 self._profiler.__enter__()
         self._started = time.perf_counter()

@@ -242,7 +242,9 @@ def plot(summary: dict, path: Path) -> None:
             (run for run in summary["runs"] if run["arm"] == arm["name"] and run["batch_size"] == largest),
             key=lambda run: run["prompt_len"],
         )
-        prompts.plot([run["prompt_len"] for run in at_largest], [run["prefill_peak_bytes"] / MIB for run in at_largest], **style)
+        prompts.plot(
+            [run["prompt_len"] for run in at_largest], [run["prefill_peak_bytes"] / MIB for run in at_largest], **style
+        )
     for fraction in fractions:
         rows = sorted(
             (row for row in summary["comparisons"] if row["fraction"] == fraction and row["batch_size"] == largest),
@@ -311,7 +313,8 @@ def markdown(summary: dict) -> str:
     for run in summary["runs"]:
         kept = run["kept_tokens"] + run["extra_tokens"] if run["kind"] != "untrimmed" else run["kept_tokens"]
         lines.append(
-            f"| {run['prompt_len']} | {run['batch_size']} | {run['arm']} | {kept} | {run['cross_kv_bytes'] / MIB:.1f} | "
+            f"| {run['prompt_len']} | {run['batch_size']} | {run['arm']} | {kept} | "
+            f"{run['cross_kv_bytes'] / MIB:.1f} | "
             f"{run['total_kv_bytes'] / MIB:.1f} | {run['prefill_peak_bytes'] / MIB:.0f} | "
             f"{run['decode_peak_bytes'] / MIB:.0f} | {run['prefill_seconds']:.3f} | "
             f"{run['decode_seconds_per_token'] * 1e3:.1f} | {run['tokens_per_second']:.2f} |"
