@@ -245,7 +245,7 @@ def plot(summary: dict, path: Path) -> None:
         prompts.plot(
             [run["prompt_len"] for run in at_largest], [run["prefill_peak_bytes"] / MIB for run in at_largest], **style
         )
-    for fraction in fractions:
+    for fraction in sorted({row["fraction"] for row in summary["comparisons"]}, reverse=True):
         rows = sorted(
             (row for row in summary["comparisons"] if row["fraction"] == fraction and row["batch_size"] == largest),
             key=lambda row: row["prompt_len"],
