@@ -258,13 +258,12 @@ def test_concurrent_image_decodes_stay_within_the_bound(server, client, testbed,
     nothing); a normal request sent with the burst gets its lone answer."""
     colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (230, 230, 30), (200, 30, 30)]
     expected = generate_alone(testbed, conversation_of(questions[2], images_of(2)), max_tokens(2), HeadwiseTopK(0.25))
+    payloads = [image_request(big_png(colour)) for colour in colours] + [image_request(bomb_png(4096, 4096))] * 2
     with Watch(server, "trimllama_decoding_requests") as watch, ThreadPoolExecutor(max_workers=8) as pool:
-        big = [pool.submit(server.post, "/v1/chat/completions", json=image_request(big_png(c))) for c in colours]
-        truncated = [
-            pool.submit(server.post, "/v1/chat/completions", json=image_request(bomb_png(4096, 4096))) for _ in range(2)
-        ]
+        futures = [pool.submit(server.post, "/v1/chat/completions", json=payload) for payload in payloads]
         normal = pool.submit(ask, client, 2, questions[2], TRIMMED)
-        big, truncated = [f.result(timeout=TIMEOUT) for f in big], [f.result(timeout=TIMEOUT) for f in truncated]
+        responses = [future.result(timeout=TIMEOUT) for future in futures]
+        big, truncated = responses[: len(colours)], responses[len(colours) :]
         normal_answer = normal.result(timeout=TIMEOUT).choices[0].message.content
     assert max(watch.values) == DEFAULT_DECODES, f"requests decoding at once, as sampled: {sorted(set(watch.values))}"
     assert normal_answer == expected
@@ -279,7 +278,7 @@ def test_concurrent_image_decodes_stay_within_the_bound(server, client, testbed,
 @pytest.fixture(scope="module")
 def tight_server(checkpoint):
     server = Server(
-        "--model", str(checkpoint), "--encode-workers", "1", "--max-concurrent-decodes", "1", "--max-queue", "1",
+        "--model", str(checkpoint), "--encode-workers", "2", "--max-concurrent-decodes", "1", "--max-queue", "1",
         api_key=API_KEY,
     )  # fmt: skip
     try:
@@ -290,17 +289,17 @@ def tight_server(checkpoint):
 
 
 def test_image_requests_past_the_decode_bound_and_queue_are_answered_503(tight_server):
-    """One request decoding and one waiting (--max-concurrent-decodes 1, --max-queue 1): the rest of a
-    burst of 5 is answered 503 at once, in the OpenAI error shape with Retry-After, and counted."""
+    """--encode-workers 2, --max-concurrent-decodes 1, --max-queue 1: one request decodes at a time and
+    two wait; the rest of a burst of 5 is answered 503 at once, in the OpenAI error shape with
+    Retry-After, and counted."""
     rejected_before = metric(tight_server.get("/metrics").text, 'trimllama_requests_total{outcome="rejected"}')
-    with ThreadPoolExecutor(max_workers=5) as pool:
-        futures = [
-            pool.submit(tight_server.post, "/v1/chat/completions", json=image_request(big_png((200, 30, 30))))
-            for _ in range(5)
-        ]
+    payload = image_request(big_png((200, 30, 30)))
+    with Watch(tight_server, "trimllama_decoding_requests") as watch, ThreadPoolExecutor(max_workers=5) as pool:
+        futures = [pool.submit(tight_server.post, "/v1/chat/completions", json=payload) for _ in range(5)]
         responses = [future.result(timeout=TIMEOUT) for future in futures]
+    assert max(watch.values) == 1, f"requests decoding at once, as sampled: {sorted(set(watch.values))}"
     statuses = sorted(response.status_code for response in responses)
-    assert statuses.count(200) >= 2 and set(statuses) == {200, 503}, statuses
+    assert statuses.count(200) >= 3 and set(statuses) == {200, 503}, statuses
     for response in responses:
         if response.status_code == 503:
             assert response.headers["retry-after"] == "1"
