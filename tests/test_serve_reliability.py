@@ -196,16 +196,16 @@ def test_a_huge_text_does_not_hold_up_a_small_request(server, questions):
     repeated; a server where the small request waits for the huge one fails every attempt."""
     huge = {"model": MODEL_DIR_NAME, "messages": [{"role": "user", "content": "red square " * (MAX_TEXT_CHARS // 12)}]}
     small = {"model": MODEL_DIR_NAME, "messages": messages(questions[1], 1), "max_tokens": 2}
-    orders = []
+    orders: list[list[str]] = []
+
+    def post(name: str, payload: dict) -> httpx.Response:
+        response = server.post("/v1/chat/completions", json=payload)
+        orders[-1].append(name)
+        return response
+
     for _attempt in range(3):
         wait_for_metric(server, "trimllama_encoding_requests", lambda value: value == 0)
-        finished: list[str] = []
-
-        def post(name: str, payload: dict) -> httpx.Response:
-            response = server.post("/v1/chat/completions", json=payload)
-            finished.append(name)
-            return response
-
+        orders.append([])
         with ThreadPoolExecutor(max_workers=2) as pool:
             huge_future = pool.submit(post, "huge", huge)
             wait_for_metric(server, "trimllama_encoding_requests", lambda value: value >= 1)
@@ -214,8 +214,7 @@ def test_a_huge_text_does_not_hold_up_a_small_request(server, questions):
         assert small_response.status_code == 200, small_response.text
         assert huge_response.status_code == 400, huge_response.text
         assert "more than the model allows" in huge_response.json()["error"]["message"]
-        orders.append(finished)
-        if finished == ["small", "huge"]:
+        if orders[-1] == ["small", "huge"]:
             return
     pytest.fail(f"the small request was answered after the huge one in every attempt: {orders}")
 
