@@ -96,6 +96,22 @@ def test_static_cache_is_not_supported_yet(model, batch):
             model.generate(**batch, max_new_tokens=2, cache_implementation="static")
 
 
+@torch.no_grad()
+def test_torch_compile_is_refused_with_not_implemented_error(model, batch):
+    """Issue 15: compiling a trimmed model failed after a minute inside the compiler; now the documented
+    NotImplementedError, whether the whole module or only its forward is compiled."""
+    try:
+        with trimllama.trim(model):
+            for compiled in (torch.compile(model), torch.compile(model.forward)):
+                with pytest.raises(NotImplementedError, match="does not support torch.compile"):
+                    compiled(**batch)
+        untrimmed = model(**batch).logits
+        with trimllama.trim(model, trimllama.KeepAll()):
+            assert torch.equal(model(**batch).logits, untrimmed)  # eager trimming is untouched by the check
+    finally:
+        torch._dynamo.reset()
+
+
 def test_trimming_twice_is_refused(model):
     with trimllama.trim(model):
         with pytest.raises(RuntimeError, match="already trimmed"):

@@ -15,12 +15,14 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -33,7 +35,7 @@ from trimllama.serve.prompts import Conversation, encode_conversation  # noqa: E
 from trimllama.testbed import CHECKPOINT_DIR, make_questions  # noqa: E402
 
 from multitoken import multitoken_testbed, save_multitoken_testbed  # noqa: E402
-from serving import TIMEOUT, Server, data_url, metric, png_bytes  # noqa: E402
+from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
@@ -44,6 +46,8 @@ MODEL_DIR_NAME = "multitoken-testbed"
 REQUESTS = 16
 TRIMMED = {"method": "headwise_topk", "head_k": 0.25}
 MAX_TEXT_CHARS = 4_000_000
+ENCODE_WORKERS = 4  # more than the default --max-concurrent-decodes, so that only it can bound the decodes
+DEFAULT_DECODES = ServeConfig("m").max_concurrent_decodes
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +59,7 @@ def checkpoint(tmp_path_factory) -> Path:
 def server(checkpoint):
     server = Server(
         "--model", str(checkpoint), "--max-batch-size", "16", "--batch-window-ms", "300",
-        "--max-text-chars", str(MAX_TEXT_CHARS), api_key=API_KEY,
+        "--max-text-chars", str(MAX_TEXT_CHARS), "--encode-workers", str(ENCODE_WORKERS), api_key=API_KEY,
     )  # fmt: skip
     try:
         server.wait_ready()
@@ -173,26 +177,136 @@ def test_a_tiny_temperature_answers_greedily(client, questions):
         assert response.choices[0].message.content == greedy
 
 
+def wait_for_metric(server, name: str, done) -> float:
+    """Poll /metrics until `done(value)` holds for the sample `name`; its value then."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        value = metric(server.get("/metrics").text, name)
+        if done(value):
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"{name} never reached the expected value")
+
+
 def test_a_huge_text_does_not_hold_up_a_small_request(server, questions):
-    """The huge text is tokenized (seconds) and then refused as longer than the context; the small
-    request, sent while it is tokenized, must be answered first. Order, not time, is asserted."""
+    """The huge text is tokenized for seconds (then refused as longer than the context). The small
+    request is sent once /metrics shows the huge one in an encoder thread, and must be answered before
+    the huge one: order, not time, is asserted, and no sleep decides when the huge one has started.
+    On a machine so loaded that the huge text is done first, the attempt says nothing either way and is
+    repeated; a server where the small request waits for the huge one fails every attempt."""
     huge = {"model": MODEL_DIR_NAME, "messages": [{"role": "user", "content": "red square " * (MAX_TEXT_CHARS // 12)}]}
     small = {"model": MODEL_DIR_NAME, "messages": messages(questions[1], 1), "max_tokens": 2}
-    finished: list[str] = []
+    orders: list[list[str]] = []
 
     def post(name: str, payload: dict) -> httpx.Response:
         response = server.post("/v1/chat/completions", json=payload)
-        finished.append(name)
+        orders[-1].append(name)
         return response
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        huge_future = pool.submit(post, "huge", huge)
-        time.sleep(1.0)  # the huge body is sent and parsed; its tokenizing has begun
-        small_response = pool.submit(post, "small", small).result(timeout=TIMEOUT)
-        huge_response = huge_future.result(timeout=TIMEOUT)
-    assert small_response.status_code == 200, small_response.text
-    assert huge_response.status_code == 400 and "more than the model allows" in huge_response.json()["error"]["message"]
-    assert finished == ["small", "huge"]
+    for _attempt in range(3):
+        wait_for_metric(server, "trimllama_encoding_requests", lambda value: value == 0)
+        orders.append([])
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            huge_future = pool.submit(post, "huge", huge)
+            wait_for_metric(server, "trimllama_encoding_requests", lambda value: value >= 1)
+            small_response = pool.submit(post, "small", small).result(timeout=TIMEOUT)
+            huge_response = huge_future.result(timeout=TIMEOUT)
+        assert small_response.status_code == 200, small_response.text
+        assert huge_response.status_code == 400, huge_response.text
+        assert "more than the model allows" in huge_response.json()["error"]["message"]
+        if orders[-1] == ["small", "huge"]:
+            return
+    pytest.fail(f"the small request was answered after the huge one in every attempt: {orders}")
+
+
+def big_png(colour: tuple[int, int, int]) -> bytes:
+    """A 4096 x 4096 image in ~60 KB: about 1.3 s and 180 MiB to decode and preprocess on one CPU core."""
+    return png_bytes(Image.new("RGB", (4096, 4096), colour))
+
+
+def image_request(raw: bytes) -> dict:
+    content = [{"type": "image_url", "image_url": {"url": data_url(raw)}}, {"type": "text", "text": "what color ?"}]
+    return {"model": MODEL_DIR_NAME, "messages": [{"role": "user", "content": content}], "max_tokens": 2}
+
+
+class Watch:
+    """Samples one /metrics gauge in a thread while the block runs; `values` holds what it saw."""
+
+    def __init__(self, server, name: str) -> None:
+        self.server, self.name, self.values = server, name, []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):
+            self.values.append(metric(self.server.get("/metrics").text, self.name))
+
+    def __enter__(self) -> "Watch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_concurrent_image_decodes_stay_within_the_bound(server, client, testbed, questions):
+    """Issue 15 item 5: with 4 encoder threads and --max-concurrent-decodes at its default (2), a burst
+    of 5 requests with 4096 x 4096 images (60 KB each) and 2 truncated files whose headers claim
+    4096 x 4096 never has more than 2 requests decoding at once (and has 2, or the burst tested
+    nothing); a normal request sent with the burst gets its lone answer."""
+    colours = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (230, 230, 30), (200, 30, 30)]
+    expected = generate_alone(testbed, conversation_of(questions[2], images_of(2)), max_tokens(2), HeadwiseTopK(0.25))
+    payloads = [image_request(big_png(colour)) for colour in colours] + [image_request(bomb_png(4096, 4096))] * 2
+    with Watch(server, "trimllama_decoding_requests") as watch, ThreadPoolExecutor(max_workers=8) as pool:
+        futures = [pool.submit(server.post, "/v1/chat/completions", json=payload) for payload in payloads]
+        normal = pool.submit(ask, client, 2, questions[2], TRIMMED)
+        responses = [future.result(timeout=TIMEOUT) for future in futures]
+        big, truncated = responses[: len(colours)], responses[len(colours) :]
+        normal_answer = normal.result(timeout=TIMEOUT).choices[0].message.content
+    assert max(watch.values) == DEFAULT_DECODES, f"requests decoding at once, as sampled: {sorted(set(watch.values))}"
+    assert normal_answer == expected
+    assert [r.status_code for r in big] == [200] * len(colours), [r.text for r in big]
+    answers = [r.json()["choices"][0]["message"]["content"] for r in big]
+    assert all(answers) and answers[0] == answers[-1], answers  # the same image twice: the same answer
+    for response in truncated:
+        assert response.status_code == 400 and "truncated or corrupt" in response.json()["error"]["message"]
+    assert metric(server.get("/metrics").text, "trimllama_decoding_requests") == 0
+
+
+@pytest.fixture(scope="module")
+def tight_server(checkpoint):
+    server = Server(
+        "--model", str(checkpoint), "--encode-workers", "2", "--max-concurrent-decodes", "1", "--max-queue", "1",
+        api_key=API_KEY,
+    )  # fmt: skip
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def test_image_requests_past_the_decode_bound_and_queue_are_answered_503(tight_server):
+    """--encode-workers 2, --max-concurrent-decodes 1, --max-queue 1: one request decodes at a time and
+    two wait; the rest of a burst of 5 is answered 503 at once, in the OpenAI error shape with
+    Retry-After, and counted."""
+    rejected_before = metric(tight_server.get("/metrics").text, 'trimllama_requests_total{outcome="rejected"}')
+    payload = image_request(big_png((200, 30, 30)))
+    with Watch(tight_server, "trimllama_decoding_requests") as watch, ThreadPoolExecutor(max_workers=5) as pool:
+        futures = [pool.submit(tight_server.post, "/v1/chat/completions", json=payload) for _ in range(5)]
+        responses = [future.result(timeout=TIMEOUT) for future in futures]
+    assert max(watch.values) == 1, f"requests decoding at once, as sampled: {sorted(set(watch.values))}"
+    statuses = sorted(response.status_code for response in responses)
+    assert statuses.count(200) >= 3 and set(statuses) == {200, 503}, statuses
+    for response in responses:
+        if response.status_code == 503:
+            assert response.headers["retry-after"] == "1"
+            error = response.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["code"] == "encoders_busy", error
+            assert "--max-concurrent-decodes 1" in error["message"]
+    rejected = metric(tight_server.get("/metrics").text, 'trimllama_requests_total{outcome="rejected"}')
+    assert rejected - rejected_before == statuses.count(503)
 
 
 BAD = [
@@ -246,6 +360,7 @@ def run_serve(*options: str) -> subprocess.CompletedProcess:
         (["--api-key", "clé"], r"the API key must be printable ASCII"),
         (["--max-text-chars", "0"], r"--max-text-chars must be >= 1"),
         (["--encode-workers", "0"], r"--encode-workers must be >= 1"),
+        (["--max-concurrent-decodes", "0"], r"--max-concurrent-decodes must be >= 1"),
         (["--port", "{busy}"], r"cannot listen on 127\.0\.0\.1:\d+: the port is in use"),
     ],
 )

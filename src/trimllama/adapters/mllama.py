@@ -188,6 +188,7 @@ class MllamaAdapter(Adapter):
             if not _has_cross_cache(cache, self.scoring_index):
                 self._pass_through(inputs)
             return  # a text-only prompt, or a decode step whose later layers read their trimmed cache
+        _refuse_compile(torch.compiler.is_compiling())
         if cache is not None and not isinstance(cache, DynamicCache):
             raise NotImplementedError(
                 f"trimllama supports DynamicCache only, got {type(cache).__name__} (static cache / torch.compile)"
@@ -209,6 +210,7 @@ class MllamaAdapter(Adapter):
         self._layout = (int(tile_mask.shape[2]), int(tile_mask.shape[3]), self.num_patches)
 
     def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict):
+        _refuse_compile(torch.compiler.is_compiling())  # also where only the model's forward is compiled (its own pre-hook runs eagerly)
         states = kwargs["cross_attention_states"]
         mask = kwargs["cross_attention_mask"]
         row_visible = kwargs["full_text_row_masked_out_mask"]
@@ -464,3 +466,15 @@ def _has_cross_cache(cache, layer_index: int) -> bool:
         return False
     layer = cache.layers[layer_index]
     return bool(getattr(layer, "is_initialized", False)) and layer.keys is not None and layer.keys.numel() > 0
+
+
+@torch.compiler.disable
+def _refuse_compile(compiling: bool) -> None:
+    """NotImplementedError when `compiling` (torch.compile traces a trimmed forward over images: the plan's
+    data-dependent shapes do not compile). Runs outside the compiled graph, so the error reaches the caller
+    instead of making torch.compile fall back to running the hook eagerly; text-only forwards never get here."""
+    if compiling:
+        raise NotImplementedError(
+            "trimllama does not support torch.compile yet: run the trimmed model uncompiled "
+            "(static cache / torch.compile)"
+        )

@@ -25,6 +25,7 @@ CONFIG_FLAGS = {
     "max_pixels": "--max-image-pixels",
     "max_text_chars": "--max-text-chars",
     "encode_workers": "--encode-workers",
+    "max_concurrent_decodes": "--max-concurrent-decodes",
 }
 
 
@@ -72,6 +73,13 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=2,
         help="requests whose images are decoded and prompt tokenized at once; this bounds their memory (default 2)",
     )
+    server.add_argument(
+        "--max-concurrent-decodes",
+        type=int,
+        default=2,
+        help="requests with images decoded and preprocessed at once, the bound on the memory images take; more "
+        "wait, within --max-queue, then 503 (default 2)",
+    )
     limits = parser.add_argument_group("image limits")
     limits.add_argument("--max-images", type=int, default=2, help="images per request (default 2)")
     limits.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="bytes per image file (default 10 MiB)")
@@ -109,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
             images=ImageLimits(args.max_image_bytes, args.max_image_pixels, args.max_images),
             max_text_chars=args.max_text_chars,
             encode_workers=args.encode_workers,
+            max_concurrent_decodes=args.max_concurrent_decodes,
         )
     except ValueError as error:  # ServeConfig checks the ranges; the CLI names its flags
         raise CommandError(_as_flag(str(error))) from None

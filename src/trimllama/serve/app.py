@@ -7,8 +7,9 @@
 
 The event loop parses and checks requests and streams results; images are decoded and prompts
 tokenized by `encode_workers` threads, each with its own copy of the processor (no lock shared
-between requests, so a long text does not hold up a short one); generation runs in the batcher's
-single thread.
+between requests, so a long text does not hold up a short one), at most `max_concurrent_decodes`
+requests with images among them (their images' memory is bounded however many arrive);
+generation runs in the batcher's single thread.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from .errors import APIError, invalid
 from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
-from .schemas import ChatCompletionRequest, parse_request
+from .schemas import ChatCompletionRequest, ImagePart, parse_request
 from .trimming import TrimSetting, check_fits, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
@@ -54,6 +55,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
 
     encoders = ThreadPoolExecutor(config.encode_workers, thread_name_prefix="trimllama-encode")
     encoding = 0  # requests being encoded or waiting for an encoder; only touched on the event loop
+    decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)  # held by requests with images
     local = threading.local()
 
     @asynccontextmanager
@@ -63,27 +65,45 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
         batcher.stop()
         encoders.shutdown(wait=False, cancel_futures=True)
 
-    def encode(chat: ChatCompletionRequest) -> EncodedPrompt:
-        """Decode the images, then render and tokenize the prompt (in an encoder thread)."""
+    def encode(chat: ChatCompletionRequest, gauges: tuple) -> EncodedPrompt:
+        """Decode the images, then render and tokenize the prompt (in an encoder thread, counted in `gauges`)."""
         if not hasattr(local, "processor"):  # a fast tokenizer may not be called from two threads at once
             local.processor = copy.deepcopy(processor)
-        conversation = build_conversation(chat.messages, config.images)
-        return encode_conversation(local.processor, conversation)
+        for gauge in gauges:
+            gauge.inc()
+        try:
+            conversation = build_conversation(chat.messages, config.images)
+            return encode_conversation(local.processor, conversation)
+        finally:
+            for gauge in gauges:
+                gauge.dec()
 
     async def encode_bounded(chat: ChatCompletionRequest) -> EncodedPrompt:
-        """`encode` on an encoder thread; 503 when `max_queue` requests wait for one already."""
+        """`encode` on an encoder thread, holding a decode slot if the request has images (until its
+        thread is done, even if the request is cancelled); 503 when `max_queue` requests wait already."""
         nonlocal encoding
         if encoding >= config.encode_workers + config.max_queue:
             raise APIError(
                 503,
-                f"the server is busy: {encoding} requests are being encoded or wait for it "
-                f"(--encode-workers {config.encode_workers}, --max-queue {config.max_queue}); retry shortly",
+                f"the server is busy: {encoding} requests are being encoded or wait for it (--encode-workers "
+                f"{config.encode_workers}, --max-concurrent-decodes {config.max_concurrent_decodes}, --max-queue "
+                f"{config.max_queue}); retry shortly",
                 code="encoders_busy",
                 headers={"Retry-After": "1"},
             )
         encoding += 1
         try:
-            return await asyncio.wrap_future(encoders.submit(encode, chat))
+            if not _has_images(chat):
+                return await asyncio.wrap_future(encoders.submit(encode, chat, (metrics.encoding,)))
+            await decode_slots.acquire()
+            try:
+                future = encoders.submit(encode, chat, (metrics.encoding, metrics.decoding))
+            except BaseException:
+                decode_slots.release()
+                raise
+            loop = asyncio.get_running_loop()
+            future.add_done_callback(lambda _: loop.call_soon_threadsafe(decode_slots.release))
+            return await asyncio.wrap_future(future)
         finally:
             encoding -= 1
 
@@ -277,6 +297,11 @@ def _checked_seed(seed: int | None) -> int | None:
         except InvalidSettingError as error:
             raise invalid(f"'seed': {error}", "seed", "invalid_value") from None
     return seed
+
+
+def _has_images(chat: ChatCompletionRequest) -> bool:
+    parts = (part for message in chat.messages if isinstance(message.content, list) for part in message.content)
+    return any(isinstance(part, ImagePart) for part in parts)
 
 
 def _check_text_length(chat: ChatCompletionRequest, limit: int) -> None:

@@ -44,6 +44,10 @@ class ServeConfig:
             its own thread with its own processor: with the image and text limits, this bounds the
             memory encoding takes (an image costs a few tens of bytes per pixel while it is processed).
             Requests beyond wait for a worker, up to `max_queue` of them; one more is answered 503.
+        max_concurrent_decodes: requests whose images are decoded and preprocessed at the same time (an
+            image holds up to ~24 bytes per pixel of `images.max_pixels` meanwhile, so this bounds the memory
+            images take however many arrive). Requests with images beyond it wait without holding an encoder
+            thread (text-only requests go past them), within the same `max_queue` bound: one more is 503.
     """
 
     model_name: str
@@ -57,9 +61,11 @@ class ServeConfig:
     images: ImageLimits = ImageLimits()
     max_text_chars: int = 512 * 1024
     encode_workers: int = 2
+    max_concurrent_decodes: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_text_chars", "encode_workers"):
+        counts = "max_batch_size max_queue default_max_tokens max_text_chars encode_workers max_concurrent_decodes"
+        for name in counts.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_window_ms < 0:

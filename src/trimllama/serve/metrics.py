@@ -26,6 +26,16 @@ class ServeMetrics:
             registry=registry,
         )
         self.queue_depth = Gauge("trimllama_queue_depth", "Requests waiting for a batch", registry=registry)
+        self.encoding = Gauge(
+            "trimllama_encoding_requests",
+            "Requests whose images are being decoded and prompt tokenized (at most --encode-workers)",
+            registry=registry,
+        )
+        self.decoding = Gauge(
+            "trimllama_decoding_requests",
+            "Of those, requests with images (at most --max-concurrent-decodes)",
+            registry=registry,
+        )
         self.running = Gauge("trimllama_running_requests", "Requests in the batch being generated", registry=registry)
         self.batch_size = Histogram(
             "trimllama_batch_size", "Requests served together in one batch", buckets=BATCH_SIZE_BUCKETS, registry=registry
