@@ -20,5 +20,6 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
 # every requirement is met except SGLang's own pins (CUDA kernels, torch 2.14.1, transformers 5.19.0)
 unmet=$("$venv/bin/python" -m pip check 2>&1 | grep -v -E "^(sglang [0-9.]+ (requires|has requirement) |No broken requirements)" || true)
 [ -z "$unmet" ] || { echo "unmet requirements outside SGLang's own pins:"; echo "$unmet"; exit 1; } >&2
-SGLANG_USE_CPU_ENGINE=1 "$venv/bin/python" -c 'import sglang.srt.models.mllama, trimllama.integrations.sglang' 
+# SGLang ignores an external model that fails to import (and serves its own): import it here
+SGLANG_USE_CPU_ENGINE=1 "$venv/bin/python" -c 'import trimllama.integrations.sglang.model'
 echo "built $venv: $("$venv/bin/python" -c 'import sglang, torch, transformers; print(f"sglang {sglang.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")')"

@@ -83,7 +83,7 @@ def launch_arguments(args: argparse.Namespace) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     settings = engine_settings(args)
     launch = launch_arguments(args)
-    if importlib.util.find_spec("sglang") is None:
+    if importlib.util.find_spec("sglang.launch_server") is None:
         raise CommandError(
             "SGLang is not installed in this environment (pip install sglang==0.5.23 on a GPU machine; "
             "scripts/sglang-cpu-env.sh VENV_DIR builds a CPU environment)"
