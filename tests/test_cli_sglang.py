@@ -9,7 +9,12 @@ import pytest
 
 from trimllama.cli import main
 from trimllama.cli import sglang as command
-from trimllama.integrations.sglang.settings import EXTERNAL_PACKAGE, SETTINGS_VARIABLE, EngineSettings, reserved_tokens
+from trimllama.integrations.sglang.settings import (
+    EXTERNAL_PACKAGE,
+    SETTINGS_VARIABLE,
+    EngineSettings,
+    reserved_tokens,
+)
 from trimllama.methods import HeadwiseTopK, RandomSelect
 
 LAUNCH = ["--", "--model-path", "/models/llama-vision", "--tp", "2", "--port", "30000"]
@@ -54,7 +59,7 @@ def test_bad_options_fail_before_sglang(capsys, launched, argv, message):
 
 def test_launches_sglang_with_the_settings(launched):
     assert main(["sglang", "--budget", "1600", "--head-k", "0.1", "--param", "reduce=max", *LAUNCH]) == 0
-    (path, argv, env), = launched
+    ((_, argv, env),) = launched
     assert argv[1:] == ["-m", "sglang.launch_server", *LAUNCH[1:]]  # everything after `--`, unchanged
     assert env["SGLANG_EXTERNAL_MODEL_PACKAGE"] == EXTERNAL_PACKAGE == "trimllama.integrations.sglang"
     settings = EngineSettings.from_environment(env)

@@ -6,7 +6,7 @@ Each server runs in its own process group and is stopped with SIGTERM to the gro
 from __future__ import annotations
 
 import base64
-import io
+import json
 import os
 import signal
 import socket
@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import requests
 
-pytest.importorskip("sglang.srt")
+from trimllama.testing import random_image, save_sglang_checkpoint
 
-from tiny_checkpoint import build_checkpoint, image  # noqa: E402
+pytest.importorskip("sglang.srt")
 
 START_TIMEOUT_S = 300
 BUDGET = 197  # a quarter of a 4-tile image's 788 tokens
@@ -61,7 +61,7 @@ class Server:
             try:
                 if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
                     return
-            except requests.ConnectionError:
+            except requests.RequestException:  # not listening yet, or busy starting
                 pass
             time.sleep(1)
         raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
@@ -84,10 +84,15 @@ class Server:
         response.raise_for_status()
         return response.json()
 
+    def flush_cache(self) -> None:
+        requests.post(f"{self.url}/flush_cache", timeout=30).raise_for_status()
+
+    def prefill_batches(self, requests_in_batch: int) -> int:
+        """How many prefill batches of exactly that many new requests the server has logged so far."""
+        return self.log.read_text().count(f"Prefill batch, #new-seq: {requests_in_batch},")
+
     def kept_records(self) -> list[dict]:
         """What the model override dumped: one record per encoded request and rank, in order."""
-        import json
-
         if self.kept_dump is None or not self.kept_dump.exists():
             return []
         return [json.loads(line) for line in self.kept_dump.read_text().splitlines()]
@@ -124,7 +129,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def checkpoint(workdir) -> Path:
-    return build_checkpoint(workdir / "checkpoint")
+    return save_sglang_checkpoint(workdir / "checkpoint")
 
 
 @pytest.fixture(scope="session")
@@ -134,13 +139,12 @@ def image_files(workdir) -> dict[str, str]:
     files = {}
     for name, (wide, high, seed) in shapes.items():
         files[name] = str(workdir / f"{name}.png")
-        image(wide, high, seed).save(files[name])
+        random_image(wide, high, seed).save(files[name])
     return files
 
 
 def data_url(path: str) -> str:
-    buffer = io.BytesIO(Path(path).read_bytes())
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 @pytest.fixture(scope="module")

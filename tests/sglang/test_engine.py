@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 pytest.importorskip("sglang.srt")
 
-import requests  # noqa: E402
-from conftest import BUDGET, data_url  # noqa: E402
-from PIL import Image  # noqa: E402
-from tiny_checkpoint import hf_model  # noqa: E402
-from transformers import AutoProcessor  # noqa: E402
+from conftest import BUDGET, data_url
+from PIL import Image
+from tiny_checkpoint import hf_model
+from transformers import AutoProcessor
 
-from trimllama import HeadwiseTopK, trim  # noqa: E402
+from trimllama import HeadwiseTopK, trim
 
 PATCHES = 197  # (112 / 8)^2 + 1 tokens per tile
 MAX_TILES = 4
@@ -84,6 +84,7 @@ def test_trimmed_equals_hf_path(trimmed_server, hf, image_files, name, question)
     not hand it the first question's trimmed K/V).
     """
     expected, kept = hf_answer(hf, prompt(question), image_files[name], BUDGET)
+    trimmed_server.flush_cache()  # earlier tests may have cached this image and prompt
     before = len(trimmed_server.kept_records())
     answer = trimmed_server.generate(prompt(question), image_files[name])
     records = trimmed_server.kept_records()[before:]
@@ -114,23 +115,32 @@ def test_concurrent_openai_requests_equal_lone(trimmed_server, image_files):
         )
         return reply.choices[0].message.content
 
-    requests.post(f"{trimmed_server.url}/flush_cache", timeout=30).raise_for_status()
+    trimmed_server.flush_cache()
     with ThreadPoolExecutor(16) as pool:
         together = list(pool.map(ask, distinct * 2))
-    requests.post(f"{trimmed_server.url}/flush_cache", timeout=30).raise_for_status()
+    trimmed_server.flush_cache()
     lone = [ask(case) for case in distinct]
     assert together == lone * 2
     assert len(set(lone)) > 1
 
 
 def row_mask_case(server, image_files) -> tuple[list[int], list[int]]:
-    """An image request alone, then in one prefill batch after a text-only request whose prefix is cached."""
+    """An image request alone, then in one prefill batch after a text-only request whose prefix is cached.
+
+    A two-image request goes first, so that both arrive while its prefill runs and are scheduled together.
+    """
     text_only = "<|begin_of_text|>question : " + " ".join(["what color is the square"] * 6) + " answer :"
     image_prompt = prompt(QUESTIONS[1])
     lone = server.generate(image_prompt, image_files["four"])["output_ids"]
-    requests.post(f"{server.url}/flush_cache", timeout=30).raise_for_status()
+    server.flush_cache()
     server.generate(text_only)
-    batched = server.generate([text_only, image_prompt], [None, image_files["four"]])
+    shared_batches = server.prefill_batches(2)
+    with ThreadPoolExecutor(1) as pool:
+        blocker = pool.submit(server.generate, prompt("is there a big blue circle", 2), [image_files["four_b"], image_files["two"]])
+        time.sleep(0.3)
+        batched = server.generate([text_only, image_prompt], [None, image_files["four"]])
+        blocker.result()
+    assert server.prefill_batches(2) == shared_batches + 1, "the two requests did not share a prefill batch"
     return lone, batched[1]["output_ids"]
 
 

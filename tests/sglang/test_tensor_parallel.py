@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("sglang.srt")
 
-from conftest import BUDGET, running  # noqa: E402
+from conftest import BUDGET, running
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,17 @@ import os
 import sys
 
 from ..errors import TrimllamaError
-from ..integrations.sglang.settings import EXTERNAL_PACKAGE, SETTINGS_VARIABLE, EngineSettings
-from .options import CommandError, flag_message, params_from_args, parse_count_or_fraction
+from ..integrations.sglang.settings import (
+    EXTERNAL_PACKAGE,
+    SETTINGS_VARIABLE,
+    EngineSettings,
+)
+from .options import (
+    CommandError,
+    flag_message,
+    params_from_args,
+    parse_count_or_fraction,
+)
 
 EXTERNAL_VARIABLE = "SGLANG_EXTERNAL_MODEL_PACKAGE"
 

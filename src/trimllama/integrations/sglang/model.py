@@ -33,7 +33,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from sglang.srt.distributed.communication_op import tensor_model_parallel_all_gather
-from sglang.srt.distributed.parallel_state import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+from sglang.srt.distributed.parallel_state import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+)
 from sglang.srt.managers.schedule_batch import MM_PAD_SHIFT_VALUE, MultimodalInputs
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
 from sglang.srt.models import mllama

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 from ...errors import InvalidSettingError
 from ...methods import MergeRemainder, SelectionMethod, build_method
@@ -61,7 +61,7 @@ class EngineSettings:
         return json.dumps({"method": self.method, "settings": self.settings}, sort_keys=True)
 
     @classmethod
-    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> "EngineSettings":
+    def from_environment(cls, environ: Mapping[str, str] = os.environ) -> EngineSettings:
         """The settings the launcher put in `SETTINGS_VARIABLE`; the method `none` when it is unset."""
         raw = environ.get(SETTINGS_VARIABLE)
         if raw is None:
