@@ -8,7 +8,8 @@ Two servers, one after the other, with the same `--max-total-tokens`: stock SGLa
 and `trimllama sglang --budget N`. For each, from the engine's own figures: the pool size (`max_total_num_tokens`
 of /server_info) and the slots one request takes (`usage.prompt_tokens` + `--max-tokens`), so the number of such
 requests the pool holds at once; then `--requests` chat requests with the `openai` client, `--concurrency` at a
-time (greedy, `--max-tokens` each), timed after one warm-up request. On the tiny CPU model the times are noisy and
+time (greedy, `--max-tokens` each), each with its own random image (no request reuses another's cached image
+K/V), timed after one warm-up request. On the tiny CPU model the times are noisy and
 dominated by the vision encoder, which trimming does not change: only the slot arithmetic carries over.
 Arguments after `--` go to both servers. Run it alone (it starts servers): `flock /work/heavy.lock python ...`.
 """
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import base64
-import io
 import json
 import os
 import signal
@@ -85,24 +85,20 @@ class Server:
 
 
 def image_url(path: str) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.open(path).convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def measure(server: Server, args: argparse.Namespace, url: str) -> dict:
+def measure(server: Server, args: argparse.Namespace, urls: list[str]) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
     model = client.models.list().data[0].id
-    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": args.question}]
 
     def ask(index: int):
+        content = [{"type": "image_url", "image_url": {"url": urls[index]}}, {"type": "text", "text": args.question}]
         return client.chat.completions.create(
             model=model,
-            messages=[{"role": "user", "content": content + [{"type": "text", "text": f" {index}"}]}],
+            messages=[{"role": "user", "content": content}],
             temperature=0,
             max_tokens=args.max_tokens,
         )
@@ -135,7 +131,6 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--image", default=None, help="an image file (default: a random 2x2-tile image)")
     parser.add_argument("--question", default="what color is the square")
     parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
@@ -152,10 +147,11 @@ def main() -> None:
     vision = AutoConfig.from_pretrained(model_path).vision_config
     tile_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
     budget = args.budget or vision.max_num_tiles * tile_tokens // 4
-    image_path = args.image or str(work / "image.png")
-    if not args.image:
-        random_image(2, 2, seed=0, tile=vision.image_size).save(image_path)
-    url = image_url(image_path)
+    urls = []  # the last one is the warm-up's
+    for seed in range(args.requests + 1):
+        path = work / f"image-{seed}.png"
+        random_image(2, 2, seed=seed, tile=vision.image_size).save(path)
+        urls.append(image_url(str(path)))
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SGLANG_EXTERNAL", "TRIMLLAMA_SGLANG"))}
     cpu = args.cpu or args.tiny
@@ -172,7 +168,7 @@ def main() -> None:
             command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(budget), "--", *launch]
         server = Server(command, env, port, work / f"{arm}.log")
         try:
-            results[arm] = measure(server, args, url)
+            results[arm] = measure(server, args, urls)
         finally:
             server.stop()
         print(f"{arm:8s} {json.dumps(results[arm])}", flush=True)
