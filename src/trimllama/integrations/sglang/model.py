@@ -57,12 +57,13 @@ class EncodedRequest:
     Attributes:
         batch_index: its index in the forward batch (extend rows, encoder slots).
         real_tiles: real tiles of each of its images (0 for an image slot it does not use).
-        features: (images, tiles * patches, hidden) projected image features, padding tiles included.
+        features: (images, tiles * patches, hidden) projected image features, padding tiles included;
+            set by `flat_encoder_result` once the vision model has run.
     """
 
     batch_index: int
     real_tiles: list[int]
-    features: torch.Tensor
+    features: torch.Tensor | None = None
 
 
 @dataclass
@@ -270,7 +271,7 @@ class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
                 ]
                 tiles = aspect_ratio_mask.sum(dim=-1).tolist()  # (requests, images)
                 self.trim_state.plan = EnginePlan(
-                    requests=[EncodedRequest(index, row, None) for index, row in zip(encoded, tiles)],
+                    requests=[EncodedRequest(index, row) for index, row in zip(encoded, tiles)],
                     patches=self.num_patches,
                 )
         return batched
