@@ -12,6 +12,7 @@ gives `pad pad pad t t <|image|> t t t t <|image|> t t t t t`: rows before the f
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import MllamaConfig, MllamaForConditionalGeneration
@@ -156,3 +157,33 @@ def select_sample(batch: dict, index: int) -> dict:
         value = value[index : index + 1]
         single[key] = value[:, start:] if key in ("input_ids", "attention_mask", "cross_attention_mask") else value
     return single
+
+
+SGLANG_INTERMEDIATE_LAYERS = [1]  # vision features at layer 1 (SGLang: its input; Hugging Face: its output)
+
+
+def save_sglang_checkpoint(out_dir: str | Path) -> Path:
+    """Save a tiny random Mllama checkpoint that SGLang serves on CPU: config, weights, tokenizer, processor.
+
+    The testbed's tokenizer (a real `tokenizers` WordLevel tokenizer with Llama's special tokens), processor and
+    chat template (112-px tiles, 197 tokens per tile, up to 4 tiles); a random model with open cross-attention gates
+    and wide weights, so that greedy answers depend on the image and on what trimming keeps.
+    """
+    from .testbed.build import make_config, make_processor, new_model, save_all
+
+    config = make_config(vision_hidden=32, vision_layers=3, text_hidden=64, text_layers=5, cross_attention_layers=(1, 3))
+    config.vision_config.intermediate_layers_indices = SGLANG_INTERMEDIATE_LAYERS
+    config.text_config.max_position_embeddings = 4096  # SGLang's context length counts the image slots
+    config.text_config.initializer_range = config.vision_config.initializer_range = 0.3
+    out_dir = Path(out_dir)
+    save_all(new_model(config, gate_init=1.0, seed=0), make_processor(), out_dir)
+    return out_dir
+
+
+def random_image(tiles_wide: int, tiles_high: int, seed: int, tile: int = 112):
+    """A random RGB PIL image that Mllama's processor splits into `tiles_wide x tiles_high` tiles of `tile` px."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (tile * tiles_high, tile * tiles_wide, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)

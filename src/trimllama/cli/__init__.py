@@ -20,6 +20,7 @@ COMMANDS = [
     "generate",
     "methods",
     "serve",
+    "sglang",
     "show",
 ]
 

@@ -20,6 +20,7 @@ SETTING_FLAGS = {
     "head_k": "--head-k",
     "budget": "--budget",
     "merge_remainder": "--merge-remainder",
+    "method": "--method",
     "model": "--model",
     "device": "--device",
     "dtype": "--dtype",
@@ -114,10 +115,10 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str = "h
     )
 
 
-def method_from_args(args: argparse.Namespace, image_tokens: int | None = None) -> SelectionMethod | None:
-    """The selection method the options describe (`trimllama.build_method`), or None for `--method none`."""
+def params_from_args(items: list[str]) -> dict:
+    """The `--param KEY=VALUE` options as settings; VALUE is read as JSON, else kept as a string."""
     settings = {}
-    for item in args.param:
+    for item in items:
         key, sep, raw = item.partition("=")
         if not sep:
             raise CommandError(f"--param {item!r}: expected KEY=VALUE")
@@ -125,6 +126,12 @@ def method_from_args(args: argparse.Namespace, image_tokens: int | None = None) 
             settings[key] = json.loads(raw)
         except json.JSONDecodeError:
             settings[key] = raw
+    return settings
+
+
+def method_from_args(args: argparse.Namespace, image_tokens: int | None = None) -> SelectionMethod | None:
+    """The selection method the options describe (`trimllama.build_method`), or None for `--method none`."""
+    settings = params_from_args(args.param)
     try:
         method = build_method(
             args.method,
