@@ -11,6 +11,8 @@ from .adapters import adapter_for
 from .adapters.base import HANDLE_ATTRIBUTE, TrimHandle
 from .errors import AlreadyTrimmedError
 from .methods import SelectionMethod, get_method
+from .methods.base import scores_last_turn
+from .turns import user_turn_opener
 
 __all__ = ["TrimHandle", "trim"]
 
@@ -20,6 +22,7 @@ def trim(
     method: SelectionMethod | str = "headwise_topk",
     *,
     trim_scoring_layer: bool = False,
+    tokenizer=None,
     **settings,
 ) -> TrimHandle:
     """Trim the cross-attended image features of `model` (this instance only).
@@ -29,6 +32,8 @@ def trim(
         method: a selection method instance, or a registered name (see `trimllama.METHODS`) whose
             settings are given as keyword arguments, e.g. `trim(model, "headwise_topk", head_k=0.1)`.
         trim_scoring_layer: also compact the first cross-attention layer's own cache after scoring.
+        tokenizer: the tokenizer or processor whose chat template built the prompts; needed by methods with
+            `query_rows="last_turn"`, which score only the rows of the last user message (`trimllama.turns`).
 
     Returns:
         A `TrimHandle`; use it as a context manager or call `remove()`.
@@ -38,6 +43,7 @@ def trim(
     existing = getattr(model, HANDLE_ATTRIBUTE, None)
     if existing is not None:
         raise AlreadyTrimmedError(f"this model is already trimmed by {existing!r}; remove() it first")
-    handle = adapter_class(model, method, trim_scoring_layer=trim_scoring_layer)
+    turn_opener = user_turn_opener(tokenizer) if tokenizer is not None and scores_last_turn(method) else None
+    handle = adapter_class(model, method, trim_scoring_layer=trim_scoring_layer, turn_opener=turn_opener)
     setattr(model, HANDLE_ATTRIBUTE, handle)
     return handle

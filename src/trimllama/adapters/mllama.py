@@ -33,10 +33,10 @@ from transformers.models.mllama.modeling_mllama import (
     MllamaTextCrossAttention,
 )
 
-from ..errors import MissingImageError, ShapeMismatchError, UnsupportedModelError
-from ..methods.base import ImageTokens, SelectionMethod
+from ..errors import InvalidSettingError, MissingImageError, ShapeMismatchError, UnsupportedModelError
+from ..methods.base import ImageTokens, SelectionMethod, scores_last_turn
 from ..plan import TrimPlan
-from ..selection import head_attention
+from ..selection import head_attention, last_turn_rows
 from .base import Adapter, TrimStats
 
 # The transformers releases whose Mllama the core tests run on (.ci/run); trim() refuses any other unless opted in.
@@ -89,17 +89,61 @@ def _last_row_attention(
     return head_attention(query_last, key, mask_last, rows.any(dim=1, keepdim=True), scaling)
 
 
+def _row_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    turn_rows: torch.Tensor | None,
+    scaling: float,
+    reduce: str,
+    query_rows: str,
+) -> torch.Tensor:
+    """`head_attention` over `rows` (query_rows "all") or over the rows of the last turn too ("last_turn").
+
+    turn_rows: (batch, text_len) bool from `selection.last_turn_rows`, or None when no turn marker is known.
+    """
+    if query_rows == "last_turn":
+        if turn_rows is None:
+            raise InvalidSettingError(
+                "query_rows=last_turn needs the prompt's token ids and the chat template's turn marker: "
+                "trim(model, method, tokenizer=processor) and a prefill given input_ids",
+                setting="query_rows",
+            )
+        missing = rows.any(dim=1) & ~turn_rows.any(dim=1)
+        if missing.any():
+            raise InvalidSettingError(
+                f"query_rows=last_turn: sample(s) {missing.nonzero().flatten().tolist()} of the batch have no "
+                "user-turn marker of the chat template; build the prompt with the chat template",
+                setting="query_rows",
+            )
+        rows = rows & turn_rows
+    return head_attention(query, key, mask, rows, scaling, reduce)
+
+
 class MllamaAdapter(Adapter):
     """Trims the image features of every cross-attention layer after the first one."""
 
     model_classes = ("MllamaForConditionalGeneration", "MllamaModel")
     model_types = ("mllama",)  # `config.model_type` of the checkpoints it wires
 
-    def __init__(self, model: nn.Module, method: SelectionMethod, trim_scoring_layer: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        method: SelectionMethod,
+        trim_scoring_layer: bool = False,
+        turn_opener: tuple[int, ...] | None = None,
+    ) -> None:
         check_transformers_version()
+        if turn_opener is None and scores_last_turn(method):
+            raise InvalidSettingError(
+                "query_rows=last_turn needs the chat template's turn marker: trim(model, method, tokenizer=processor)",
+                setting="query_rows",
+            )
         super().__init__(model)
         self.method = method
         self.trim_scoring_layer = trim_scoring_layer
+        self.turn_opener = None if turn_opener is None else torch.tensor(turn_opener, dtype=torch.long)
         self.core: MllamaModel = model.model if isinstance(model, MllamaForConditionalGeneration) else model
         text_model = self.core.language_model
         cross_layers = sorted(int(index) for index in text_model.cross_attention_layers)
@@ -123,6 +167,7 @@ class MllamaAdapter(Adapter):
         self.plan: TrimPlan | None = None
         self._layout: tuple[int, int, int] | None = None
         self._prefill: _Prefill | None = None
+        self._input_ids: torch.Tensor | None = None  # (batch, text_len) of the prefill, for the last-turn rows
         self._trimmed_states: torch.Tensor | None = None  # (batch, columns, hidden), prefill only
         self._step_mask: torch.Tensor | None = None  # (batch, 1, text_len, columns)
         self._install()
@@ -147,7 +192,7 @@ class MllamaAdapter(Adapter):
 
     def remove(self) -> None:
         super().remove()
-        self._prefill = self._trimmed_states = self._step_mask = None
+        self._prefill = self._trimmed_states = self._step_mask = self._input_ids = None
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -178,6 +223,7 @@ class MllamaAdapter(Adapter):
                 f"has {(tile_mask.shape[0], *tile_mask.shape[2:])}"
             )
         self._layout = (int(tile_mask.shape[2]), int(tile_mask.shape[3]), self.num_patches)
+        self._input_ids = inputs.get("input_ids")
 
     def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         states = kwargs["cross_attention_states"]
@@ -272,11 +318,14 @@ class MllamaAdapter(Adapter):
         rows = prefill.row_visible[:, 0, :, 0] > 0  # (batch, text_len)
         visible = (prefill.mask[:, 0] == 0) & rows[:, :, None]  # (batch, text_len, image_tokens)
         scaling = float(self.attention.scaling)
+        turn_rows = None
+        if self.turn_opener is not None and self._input_ids is not None and self._input_ids.shape[1] == rows.shape[1]:
+            turn_rows = last_turn_rows(self._input_ids.to(rows.device), self.turn_opener)
         return ImageTokens(
             features=prefill.states,
             valid=visible.any(dim=1),
             layout=self._layout,
-            attention=partial(head_attention, prefill.query, prefill.key, prefill.mask, rows, scaling),
+            attention=partial(_row_attention, prefill.query, prefill.key, prefill.mask, rows, turn_rows, scaling),
             last_row_attention=partial(_last_row_attention, prefill.query, prefill.key, prefill.mask, rows, scaling),
         )
 
