@@ -448,6 +448,19 @@ class MllamaAdapter(Adapter):
         return projected.reshape(pixel_values.shape[0], -1, core.hidden_size)
 
     @classmethod
+    def with_image_features(cls, model: nn.Module, inputs: dict, features: torch.Tensor) -> dict:
+        """`inputs` with precomputed image features instead of pixels: the vision tower does not run.
+
+        features: (batch, images * tiles * patches, hidden), as `image_features` returns for the same image inputs.
+        The result drops pixel_values / aspect_ratio_ids / aspect_ratio_mask and passes `cross_attention_states`
+        shaped as Mllama's own forward hands them on, (batch * images * tiles, patches, hidden).
+        """
+        patches = cls.tokens_per_tile(model)
+        given = {key: value for key, value in inputs.items() if key not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        given["cross_attention_states"] = features.reshape(-1, patches, features.shape[-1])
+        return given
+
+    @classmethod
     def feed_later_layers(
         cls, model: nn.Module, states: torch.Tensor, prefill_mask: torch.Tensor, step_mask: torch.Tensor
     ) -> list[torch.utils.hooks.RemovableHandle]:

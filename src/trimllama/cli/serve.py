@@ -25,6 +25,7 @@ CONFIG_FLAGS = {
     "max_pixels": "--max-image-pixels",
     "max_text_chars": "--max-text-chars",
     "encode_workers": "--encode-workers",
+    "feature_cache_bytes": "--feature-cache-bytes",
 }
 
 
@@ -72,6 +73,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=2,
         help="requests whose images are decoded and prompt tokenized at once; this bounds their memory (default 2)",
     )
+    server.add_argument(
+        "--feature-cache-bytes",
+        type=int,
+        default=2**30,
+        help="byte limit of the LRU cache of full image features keyed by image content, so follow-up turns about "
+        "the same image skip the vision tower (default 1 GiB)",
+    )
+    server.add_argument("--no-feature-cache", action="store_true", help="turn the image feature cache off")
     limits = parser.add_argument_group("image limits")
     limits.add_argument("--max-images", type=int, default=2, help="images per request (default 2)")
     limits.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="bytes per image file (default 10 MiB)")
@@ -109,6 +118,7 @@ def run(args: argparse.Namespace) -> int:
             images=ImageLimits(args.max_image_bytes, args.max_image_pixels, args.max_images),
             max_text_chars=args.max_text_chars,
             encode_workers=args.encode_workers,
+            feature_cache_bytes=0 if args.no_feature_cache else args.feature_cache_bytes,
         )
     except ValueError as error:  # ServeConfig checks the ranges; the CLI names its flags
         raise CommandError(_as_flag(str(error))) from None

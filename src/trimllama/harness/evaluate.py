@@ -92,7 +92,10 @@ def build_arms(
                 if merge_remainder:
                     arms.append(Arm("random (count-matched) + remainder", setting, MergeRemainder(RandomSelect(like=method))))
             if least_attended and cls.name == "headwise_topk":
-                arms.append(Arm(f"{cls.name} (least attended)", setting, cls(**{parameter: setting}, order="least")))
+                least = cls(**{parameter: setting}, order="least")
+                arms.append(Arm(f"{cls.name} (least attended)", setting, least))
+                if matched_random:  # the union of least attended sets is larger: compare at its own counts too
+                    arms.append(Arm("random (matched to least attended)", setting, RandomSelect(like=least)))
     return arms
 
 

@@ -36,6 +36,7 @@ from ..methods.base import check_seed
 from .config import ServeConfig
 from .errors import APIError, invalid
 from .generation import Engine, RowResult, SamplingParams
+from .feature_cache import FeatureCache
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
 from .schemas import ChatCompletionRequest, parse_request
@@ -46,8 +47,11 @@ CHAT_PATH = "/v1/chat/completions"
 
 def create_app(model, processor, config: ServeConfig) -> FastAPI:
     """A FastAPI app serving `model` (a loaded Mllama in eval mode) with `processor`."""
-    engine = Engine(model, processor)
+    feature_cache = FeatureCache(config.feature_cache_bytes) if config.feature_cache_bytes else None
+    engine = Engine(model, processor, feature_cache)
     metrics = ServeMetrics()
+    if feature_cache is not None:
+        metrics.registry.register(feature_cache)
     batcher = Batcher(engine, config, metrics)
     default_setting = TrimSetting(config.method, config.trim_scoring_layer)
     started = int(time.time())

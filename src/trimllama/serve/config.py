@@ -44,6 +44,8 @@ class ServeConfig:
             its own thread with its own processor: with the image and text limits, this bounds the
             memory encoding takes (an image costs a few tens of bytes per pixel while it is processed).
             Requests beyond wait for a worker, up to `max_queue` of them; one more is answered 503.
+        feature_cache_bytes: byte limit of the LRU of full projected image features keyed by image content
+            (`serve.feature_cache`), so a follow-up about the same image skips the vision tower; 0 turns it off.
     """
 
     model_name: str
@@ -57,11 +59,14 @@ class ServeConfig:
     images: ImageLimits = ImageLimits()
     max_text_chars: int = 512 * 1024
     encode_workers: int = 2
+    feature_cache_bytes: int = 2**30
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "default_max_tokens", "max_text_chars", "encode_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.feature_cache_bytes < 0:
+            raise ValueError(f"feature_cache_bytes must be >= 0 (0 turns the feature cache off), got {self.feature_cache_bytes}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         for name in ("max_bytes", "max_pixels", "max_images"):
