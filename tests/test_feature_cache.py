@@ -123,14 +123,19 @@ def test_serve_follow_up_hits_the_cache_and_answers_as_the_uncached_engine(testb
         user = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                             {"type": "text", "text": dialogue.first.question}]}  # fmt: skip
 
-        def ask(messages):
-            reply = client.chat.completions.create(model="mt", messages=messages, max_tokens=MAX_TOKENS, temperature=0)
+        def ask(messages, trim_options=None):
+            extra = {"trim": trim_options} if trim_options else None
+            reply = client.chat.completions.create(
+                model="mt", messages=messages, max_tokens=MAX_TOKENS, temperature=0, extra_body=extra
+            )
             return reply.choices[0].message.content
 
         answer = ask([user])
-        second = ask([user, {"role": "assistant", "content": answer}, {"role": "user", "content": dialogue.second.question}])
+        conversation = [user, {"role": "assistant", "content": answer}, {"role": "user", "content": dialogue.second.question}]
+        second = ask(conversation)
+        last_turn = ask(conversation, {"method": "headwise_topk", "head_k": 0.05, "query_rows": "last_turn"})
         metrics = server.get("/metrics").text
-        assert metric(metrics, "trimllama_feature_cache_hits_total") == 1
+        assert metric(metrics, "trimllama_feature_cache_hits_total") == 2
         assert metric(metrics, "trimllama_feature_cache_misses_total") == 1
         assert 0 < metric(metrics, "trimllama_feature_cache_bytes") <= 2**20
     finally:
@@ -140,4 +145,15 @@ def test_serve_follow_up_hits_the_cache_and_answers_as_the_uncached_engine(testb
     with torch.no_grad():
         assert answers(reference, processor, [(first_turn(dialogue), dialogue.first.image)], setting) == [answer]
         expected = answers(reference, processor, [(follow_up(dialogue, answer), dialogue.first.image)], setting)
+        last_turn_setting = TrimSetting(HeadwiseTopK(head_k=0.05, query_rows="last_turn"))
+        expected_last_turn = answers(reference, processor, [(follow_up(dialogue, answer), dialogue.first.image)], last_turn_setting)
     assert second == expected[0]
+    assert last_turn == expected_last_turn[0]
+
+
+def test_serve_refuses_a_negative_feature_cache_size(capsys):
+    from trimllama.cli import main
+
+    assert main(["serve", "--feature-cache-bytes", "-1"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "--feature-cache-bytes" in error and len(error.splitlines()) == 1

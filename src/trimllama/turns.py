@@ -48,9 +48,11 @@ def user_turn_opener(tokenizer) -> tuple[int, ...]:
 
 
 def _render(tokenizer, template: str, conversation: list[dict]) -> str:
+    from jinja2 import TemplateError
+
     try:
         return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
-    except Exception as error:  # a template that refuses plain-text turns
+    except (TemplateError, ValueError, TypeError) as error:  # a template that refuses plain-text turns
         raise InvalidSettingError(
             f"query_rows=last_turn: the chat template cannot render a two-turn conversation ({error})",
             setting="query_rows",

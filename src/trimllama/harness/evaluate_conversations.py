@@ -21,7 +21,14 @@ import torch
 
 from ..handle import trim
 from ..loading import chat_text
-from ..methods import Floor, HeadwiseTopK, ImageTokens, MergeRemainder, RandomSelect, SelectionMethod
+from ..methods import (
+    Floor,
+    HeadwiseTopK,
+    ImageTokens,
+    MergeRemainder,
+    RandomSelect,
+    SelectionMethod,
+)
 from .evaluate import FLOOR, UNTRIMMED
 
 REUSED = "reused kept set"
@@ -181,7 +188,7 @@ def plot(results: Sequence[ConversationResult], path: Path, title: str = "") -> 
     settings = sorted({r.parameter for r in results if r.parameter is not None})
     references = [r for r in results if r.parameter is None]
     types = ["overall", *results[0].per_type]
-    figure, axes = plt.subplots(1, len(settings), figsize=(7.5 * len(settings), 4.2), squeeze=False)
+    figure, axes = plt.subplots(1, len(settings), figsize=(7.5 * len(settings), 5.4), squeeze=False)
     for axis, setting in zip(axes.flat, settings):
         arms = references + [r for r in results if r.parameter == setting]
         width = 0.85 / len(arms)
@@ -195,7 +202,7 @@ def plot(results: Sequence[ConversationResult], path: Path, title: str = "") -> 
         axis.set_ylabel("second-turn accuracy")
         axis.set_title(f"head_k {setting}")
         axis.grid(axis="y", alpha=0.3)
-        axis.legend(fontsize=7, loc="lower left")
+        axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2, frameon=False)
     figure.suptitle(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -29,18 +29,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import Batcher, QueueFullError
-from .batcher import Request as Job
 from ..errors import InvalidSettingError
 from ..methods.base import check_seed
+from .batcher import Batcher, QueueFullError
+from .batcher import Request as Job
 from .config import ServeConfig
 from .errors import APIError, invalid
-from .generation import Engine, RowResult, SamplingParams
 from .feature_cache import FeatureCache
+from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
 from .schemas import ChatCompletionRequest, parse_request
-from .trimming import TrimSetting, check_fits, resolve_trim
+from .trimming import TrimSetting, check_fits, check_turns, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -165,6 +165,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
                 code="model_not_found",
             )
         setting = resolve_trim(chat.trim, default_setting)
+        check_turns(setting, processor)
         sampling_seed = _checked_seed(chat.seed)
         prompt: EncodedPrompt = await encode_bounded(chat)
         check_fits(setting, model, prompt.inputs)
