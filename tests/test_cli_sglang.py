@@ -44,6 +44,10 @@ def error_of(capsys, argv: list[str]) -> str:
         (["sglang", "--budget", "0", *LAUNCH], "budget=0 is out of range"),
         (["sglang", "--method", "merge_remainder", "--budget", "64", *LAUNCH], "MergeRemainder (merge_remainder) is not supported on SGLang"),
         (["sglang", "--method", "feature_norm", *LAUNCH], "--method feature_norm has no budget"),
+        (
+            ["sglang", "--budget", "64", "--param", "query_rows=last_turn", *LAUNCH],
+            "query_rows=last_turn is not supported on SGLang yet",
+        ),
         (["sglang", "--method", "bogus", "--budget", "64", *LAUNCH], "unknown method 'bogus'"),
         (["sglang", "--method", "none", "--budget", "64", *LAUNCH], "--budget has no effect with method=none"),
         (["sglang", "--budget", "64", "--param", "reduce=mean", *LAUNCH], "reduce must be 'sum' or 'max'"),

@@ -11,7 +11,9 @@ from .adapters import adapter_for
 from .adapters.base import HANDLE_ATTRIBUTE, TrimHandle
 from .errors import AlreadyTrimmedError
 from .methods import SelectionMethod, get_method
+from .methods.base import scores_last_turn
 from .selection import SCORING_BUFFER_BYTES
+from .turns import user_turn_opener
 
 __all__ = ["TrimHandle", "trim"]
 
@@ -22,6 +24,7 @@ def trim(
     *,
     trim_scoring_layer: bool = False,
     scoring_buffer_bytes: int = SCORING_BUFFER_BYTES,
+    tokenizer=None,
     **settings,
 ) -> TrimHandle:
     """Trim the cross-attended image features of `model` (this instance only).
@@ -34,6 +37,8 @@ def trim(
         scoring_buffer_bytes: bound on the transient memory of the head-wise scoring (at least 1 MiB; default
             32 MiB). A larger buffer scores in fewer, larger chunks; the selection is the same unless the buffer
             is too small for one KV group's 256 text rows (then rows are summed in smaller steps).
+        tokenizer: the tokenizer or processor whose chat template built the prompts; needed by methods with
+            `query_rows="last_turn"`, which score only the rows of the last user message (`trimllama.turns`).
 
     Returns:
         A `TrimHandle`; use it as a context manager or call `remove()`.
@@ -43,8 +48,13 @@ def trim(
     existing = getattr(model, HANDLE_ATTRIBUTE, None)
     if existing is not None:
         raise AlreadyTrimmedError(f"this model is already trimmed by {existing!r}; remove() it first")
+    turn_opener = user_turn_opener(tokenizer) if tokenizer is not None and scores_last_turn(method) else None
     handle = adapter_class(
-        model, method, trim_scoring_layer=trim_scoring_layer, scoring_buffer_bytes=scoring_buffer_bytes
+        model,
+        method,
+        trim_scoring_layer=trim_scoring_layer,
+        scoring_buffer_bytes=scoring_buffer_bytes,
+        turn_opener=turn_opener,
     )
     setattr(model, HANDLE_ATTRIBUTE, handle)
     return handle

@@ -311,3 +311,27 @@ def mass_threshold(head_scores: torch.Tensor, mass: float, valid: torch.Tensor) 
     keep_sorted = before < mass  # a token is needed while the mass before it falls short
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
     return keep.any(dim=1) & valid
+
+
+def last_turn_rows(input_ids: torch.Tensor, opener: torch.Tensor) -> torch.Tensor:
+    """The rows of each sample's last turn: from the last occurrence of `opener` to the end of the prompt.
+
+    Args:
+        input_ids: (batch, text_len) long token ids (left padding is fine: it precedes every turn).
+        opener: (marker_len,) long, the token ids that open a user message (e.g. Llama 3's
+            `<|start_header_id|> user <|end_header_id|>`).
+
+    Returns:
+        (batch, text_len) bool; all False for a sample in which `opener` never occurs.
+    """
+    batch, text_len = input_ids.shape
+    length = opener.numel()
+    if length == 0 or length > text_len:
+        return torch.zeros(batch, text_len, dtype=torch.bool, device=input_ids.device)
+    windows = input_ids.unfold(1, length, 1)  # (batch, text_len - length + 1, length)
+    starts = (windows == opener.to(input_ids.device)).all(dim=-1)  # (batch, text_len - length + 1)
+    position = torch.arange(starts.shape[1], device=input_ids.device)
+    last = torch.where(starts, position, -1).amax(dim=1)  # (batch,), -1 where the opener is missing
+    rows = torch.arange(text_len, device=input_ids.device)[None, :] >= last[:, None]
+    return rows & (last >= 0)[:, None]
+

@@ -201,6 +201,11 @@ class Adapter(TrimHandle):
         raise NotImplementedError
 
     @classmethod
+    def with_image_features(cls, model: nn.Module, inputs: dict, features: torch.Tensor) -> dict:
+        """`inputs` with precomputed `image_features` in place of the pixel inputs (the vision tower is skipped)."""
+        raise NotImplementedError
+
+    @classmethod
     def feed_later_layers(cls, model: nn.Module, *fixed_inputs: torch.Tensor) -> list:
         """Hooks that give the later cross-attention layers fixed image inputs (the benchmark's ideal arm)."""
         raise NotImplementedError

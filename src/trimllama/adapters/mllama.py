@@ -47,10 +47,10 @@ from transformers.models.mllama.modeling_mllama import (
     MllamaTextCrossAttention,
 )
 
-from ..errors import MissingImageError, ShapeMismatchError, UnsupportedModelError
-from ..methods.base import ImageTokens, SelectionMethod
+from ..errors import InvalidSettingError, MissingImageError, ShapeMismatchError, UnsupportedModelError
+from ..methods.base import ImageTokens, SelectionMethod, scores_last_turn
 from ..plan import TrimPlan
-from ..selection import SCORING_BUFFER_BYTES, head_attention, visible_tokens
+from ..selection import SCORING_BUFFER_BYTES, head_attention, last_turn_rows, visible_tokens
 from .base import Adapter, TrimStats, check_scoring_buffer_bytes
 
 # The transformers releases whose Mllama the core tests run on (.ci/run); trim() refuses any other unless opted in.
@@ -111,6 +111,40 @@ def _last_row_attention(
     )
 
 
+def _row_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    mask: torch.Tensor,
+    rows: torch.Tensor,
+    scaling: float,
+    reduce: str,
+    query_rows: str,
+    *,
+    turn_rows: torch.Tensor | None,
+    buffer_bytes: int,
+) -> torch.Tensor:
+    """`head_attention` over `rows` (query_rows "all") or over the rows of the last turn too ("last_turn").
+
+    turn_rows: (batch, text_len) bool from `selection.last_turn_rows`, or None when no turn marker is known.
+    """
+    if query_rows == "last_turn":
+        if turn_rows is None:
+            raise InvalidSettingError(
+                "query_rows=last_turn needs the prompt's token ids and the chat template's turn marker: "
+                "trim(model, method, tokenizer=processor) and a prefill given input_ids",
+                setting="query_rows",
+            )
+        missing = rows.any(dim=1) & ~turn_rows.any(dim=1)
+        if missing.any():
+            raise InvalidSettingError(
+                f"query_rows=last_turn: sample(s) {missing.nonzero().flatten().tolist()} of the batch have no "
+                "user-turn marker of the chat template; build the prompt with the chat template",
+                setting="query_rows",
+            )
+        rows = rows & turn_rows
+    return head_attention(query, key, mask, rows, scaling, reduce, buffer_bytes=buffer_bytes)
+
+
 class MllamaAdapter(Adapter):
     """Trims the image features of every cross-attention layer after the first one."""
 
@@ -123,12 +157,19 @@ class MllamaAdapter(Adapter):
         method: SelectionMethod,
         trim_scoring_layer: bool = False,
         scoring_buffer_bytes: int = SCORING_BUFFER_BYTES,
+        turn_opener: tuple[int, ...] | None = None,
     ) -> None:
         check_transformers_version()
+        if turn_opener is None and scores_last_turn(method):
+            raise InvalidSettingError(
+                "query_rows=last_turn needs the chat template's turn marker: trim(model, method, tokenizer=processor)",
+                setting="query_rows",
+            )
         super().__init__(model)
         self.method = method
         self.trim_scoring_layer = trim_scoring_layer
         self.scoring_buffer_bytes = check_scoring_buffer_bytes(scoring_buffer_bytes)
+        self.turn_opener = None if turn_opener is None else torch.tensor(turn_opener, dtype=torch.long)
         self.core: MllamaModel = model.model if isinstance(model, MllamaForConditionalGeneration) else model
         text_model = self.core.language_model
         cross_layers = sorted(int(index) for index in text_model.cross_attention_layers)
@@ -152,6 +193,7 @@ class MllamaAdapter(Adapter):
         self.plan: TrimPlan | None = None
         self._layout: tuple[int, int, int] | None = None
         self._prefill: _Prefill | None = None
+        self._input_ids: torch.Tensor | None = None  # (batch, text_len) of the prefill, for the last-turn rows
         self._trimmed_states: torch.Tensor | None = None  # (batch, columns, hidden), prefill only
         self._step_mask: torch.Tensor | None = None  # (batch, 1, text_len, columns)
         self._install()
@@ -176,7 +218,7 @@ class MllamaAdapter(Adapter):
 
     def remove(self) -> None:
         super().remove()
-        self._prefill = self._trimmed_states = self._step_mask = None
+        self._prefill = self._trimmed_states = self._step_mask = self._input_ids = None
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -208,6 +250,7 @@ class MllamaAdapter(Adapter):
                 f"has {(tile_mask.shape[0], *tile_mask.shape[2:])}"
             )
         self._layout = (int(tile_mask.shape[2]), int(tile_mask.shape[3]), self.num_patches)
+        self._input_ids = inputs.get("input_ids")
 
     def _before_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         _refuse_compile(torch.compiler.is_compiling())  # also where only the model's forward is compiled (its own pre-hook runs eagerly)
@@ -306,11 +349,14 @@ class MllamaAdapter(Adapter):
         rows = prefill.row_visible[:, 0, :, 0] > 0  # (batch, text_len)
         scoring = (prefill.query, prefill.key, prefill.mask, rows, float(self.attention.scaling))
         buffer = {"buffer_bytes": self.scoring_buffer_bytes}
+        turn_rows = None
+        if self.turn_opener is not None and self._input_ids is not None and self._input_ids.shape[1] == rows.shape[1]:
+            turn_rows = last_turn_rows(self._input_ids.to(rows.device), self.turn_opener)
         return ImageTokens(
             features=prefill.states,
             valid=visible_tokens(prefill.mask, rows, self.scoring_buffer_bytes),
             layout=self._layout,
-            attention=partial(head_attention, *scoring, **buffer),
+            attention=partial(_row_attention, *scoring, turn_rows=turn_rows, **buffer),
             last_row_attention=partial(_last_row_attention, *scoring, **buffer),
         )
 
@@ -430,6 +476,19 @@ class MllamaAdapter(Adapter):
         ).last_hidden_state
         projected = core.multi_modal_projector(vision)  # (batch, images, tiles, patches, hidden)
         return projected.reshape(pixel_values.shape[0], -1, core.hidden_size)
+
+    @classmethod
+    def with_image_features(cls, model: nn.Module, inputs: dict, features: torch.Tensor) -> dict:
+        """`inputs` with precomputed image features instead of pixels: the vision tower does not run.
+
+        features: (batch, images * tiles * patches, hidden), as `image_features` returns for the same image inputs.
+        The result drops pixel_values / aspect_ratio_ids / aspect_ratio_mask and passes `cross_attention_states`
+        shaped as Mllama's own forward hands them on, (batch * images * tiles, patches, hidden).
+        """
+        patches = cls.tokens_per_tile(model)
+        given = {key: value for key, value in inputs.items() if key not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        given["cross_attention_states"] = features.reshape(-1, patches, features.shape[-1])
+        return given
 
     @classmethod
     def feed_later_layers(

@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> Generation:
             stats = facts.untrimmed_stats(model, inputs)
             kept = valid_token_indices(inputs, num_patches)
         else:
-            with trim(model, method, trim_scoring_layer=args.trim_scoring_layer) as handle:
+            with trim(model, method, trim_scoring_layer=args.trim_scoring_layer, tokenizer=processor) as handle:
                 output, seconds = _generate(model, model_inputs, args)
             stats, kept = handle.stats, handle.kept[0]
     new_ids = output.sequences[0, prompt_tokens:]

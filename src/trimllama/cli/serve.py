@@ -26,6 +26,7 @@ CONFIG_FLAGS = {
     "max_text_chars": "--max-text-chars",
     "encode_workers": "--encode-workers",
     "max_concurrent_decodes": "--max-concurrent-decodes",
+    "feature_cache_bytes": "--feature-cache-bytes",
 }
 
 
@@ -80,6 +81,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         help="requests with images decoded and preprocessed at once, the bound on the memory images take; more "
         "wait, within --max-queue, then 503 (default 2)",
     )
+    server.add_argument(
+        "--feature-cache-bytes",
+        type=int,
+        default=2**30,
+        help="byte limit of the LRU cache of full image features keyed by image content, so follow-up turns about "
+        "the same image skip the vision tower (default 1 GiB)",
+    )
+    server.add_argument("--no-feature-cache", action="store_true", help="turn the image feature cache off")
     limits = parser.add_argument_group("image limits")
     limits.add_argument("--max-images", type=int, default=2, help="images per request (default 2)")
     limits.add_argument("--max-image-bytes", type=int, default=10 * 2**20, help="bytes per image file (default 10 MiB)")
@@ -118,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
             max_text_chars=args.max_text_chars,
             encode_workers=args.encode_workers,
             max_concurrent_decodes=args.max_concurrent_decodes,
+            feature_cache_bytes=0 if args.no_feature_cache else args.feature_cache_bytes,
         )
     except ValueError as error:  # ServeConfig checks the ranges; the CLI names its flags
         raise CommandError(_as_flag(str(error))) from None

@@ -33,7 +33,11 @@ class Arm:
 
 @dataclass
 class ArmResult:
-    """Accuracy of one arm on a question set (accuracy per type keyed by question type)."""
+    """Accuracy of one arm on a question set (accuracy per type keyed by question type).
+
+    `kept_by_type` / `kept_by_tiles`: the mean kept fraction per question type and per number of tiles of the
+    image, which shows whether the union adapts its size to the task at a fixed per-head k (the paper's claim).
+    """
 
     curve: str
     method: str
@@ -43,6 +47,8 @@ class ArmResult:
     accuracy: float
     per_type: dict[str, float]
     questions: int
+    kept_by_type: dict[str, float] = field(default_factory=dict)
+    kept_by_tiles: dict[str, float] = field(default_factory=dict)
     answers: list[str] = field(default_factory=list, repr=False)
 
 
@@ -53,7 +59,11 @@ def sweep_parameter(cls: type[SelectionMethod]) -> str | None:
 
 
 def build_arms(
-    methods: Sequence[str], settings: Sequence[float | int], merge_remainder: bool = False, matched_random: bool = True
+    methods: Sequence[str],
+    settings: Sequence[float | int],
+    merge_remainder: bool = False,
+    matched_random: bool = True,
+    least_attended: bool = False,
 ) -> list[Arm]:
     """References first, then each method at each setting.
 
@@ -63,6 +73,8 @@ def build_arms(
             attention_mass the attention mass). Each point is plotted at the kept fraction it measures.
         merge_remainder: also a `MergeRemainder` arm next to every method arm.
         matched_random: next to every headwise_topk arm, a random arm keeping the same per-sample counts.
+        least_attended: next to every headwise_topk arm, the same per-head k of each head's *least* attended
+            tokens (`order="least"`), the paper's feature-order control: it should fall to random or below.
     """
     arms = [Arm(UNTRIMMED, None, None), Arm(FLOOR, None, Floor())]
     for name in methods:
@@ -79,6 +91,11 @@ def build_arms(
                 arms.append(Arm("random (count-matched)", setting, RandomSelect(like=method)))
                 if merge_remainder:
                     arms.append(Arm("random (count-matched) + remainder", setting, MergeRemainder(RandomSelect(like=method))))
+            if least_attended and cls.name == "headwise_topk":
+                least = cls(**{parameter: setting}, order="least")
+                arms.append(Arm(f"{cls.name} (least attended)", setting, least))
+                if matched_random:  # the union of least attended sets is larger: compare at its own counts too
+                    arms.append(Arm("random (matched to least attended)", setting, RandomSelect(like=least)))
     return arms
 
 
@@ -162,8 +179,17 @@ def score(
         accuracy=sum(correct) / len(correct),
         per_type={qtype: sum(oks) / len(oks) for qtype, oks in sorted(per_type.items())},
         questions=len(questions),
+        kept_by_type=_mean_by(kept, [q.qtype for q in questions]),
+        kept_by_tiles=_mean_by(kept, [str(q.num_tiles) for q in questions]),
         answers=answers,
     )
+
+
+def _mean_by(values: Sequence[float], keys: Sequence[str]) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for value, key in zip(values, keys):
+        groups.setdefault(key, []).append(value)
+    return {key: sum(group) / len(group) for key, group in sorted(groups.items())}
 
 
 def uninformative_types(results: Sequence[ArmResult], margin: float = 0.2) -> list[str]:

@@ -362,7 +362,9 @@ class TrimmedLlamaVision(lmms):
                 output = self.model.generate(**inputs, **kwargs)
                 stats = None
             else:
-                with trim(self.model, self.method, trim_scoring_layer=self.trim_scoring_layer) as handle:
+                with trim(
+                    self.model, self.method, trim_scoring_layer=self.trim_scoring_layer, tokenizer=self.processor
+                ) as handle:
                     output = self.model.generate(**inputs, **kwargs)
                 stats = handle.stats
         generated = output[:, prompt_length:]

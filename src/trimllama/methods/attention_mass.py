@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InvalidSettingError
 from ..selection import mass_threshold
-from .base import ImageTokens, SelectionMethod
+from .base import ImageTokens, SelectionMethod, check_query_rows
 
 
 @dataclass
@@ -22,10 +22,12 @@ class AttentionMass(SelectionMethod):
     description = "baseline: per head the smallest set holding `mass` of its attention, union over heads"
 
     mass: float = 0.9
+    query_rows: str = "all"  # "all" rows that see an image score, or only the "last_turn"
 
     def __post_init__(self) -> None:
         if isinstance(self.mass, bool) or not isinstance(self.mass, (int, float)) or not 0 < self.mass <= 1:
             raise InvalidSettingError(f"mass={self.mass!r} is out of range: it must lie in (0, 1]")
+        check_query_rows(self.query_rows)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
-        return mass_threshold(tokens.head_attention("sum"), float(self.mass), tokens.valid)
+        return mass_threshold(tokens.head_attention("sum", self.query_rows), float(self.mass), tokens.valid)

@@ -22,8 +22,9 @@ class ImageTokens:
         valid: (batch, image_tokens) bool, tokens of real tiles that some text row sees.
             Padding tiles, absent images and tiles no row attends to are False. Never keep them.
         layout: (images, tiles, patches) of the flattened image-token axis; patch 0 of a tile is its class token.
-        attention: callable `reduce -> (batch, heads, image_tokens)`, the scoring layer's per-head attention
-            of the text rows that see an image, aggregated over rows with `reduce` ("sum" or "max").
+        attention: callable `(reduce, query_rows) -> (batch, heads, image_tokens)`, the scoring layer's per-head
+            attention of the text rows that see an image, aggregated over rows with `reduce` ("sum" or "max");
+            `query_rows` "all" takes every such row, "last_turn" only those of the last user message.
         last_row_attention: callable `() -> (batch, heads, image_tokens)`, attention of each sample's last
             text row that sees an image.
     """
@@ -31,7 +32,7 @@ class ImageTokens:
     features: torch.Tensor
     valid: torch.Tensor
     layout: tuple[int, int, int]
-    attention: Callable[[str], torch.Tensor]
+    attention: Callable[[str, str], torch.Tensor]
     last_row_attention: Callable[[], torch.Tensor]
     _cache: dict = field(default_factory=dict, repr=False)
 
@@ -44,11 +45,11 @@ class ImageTokens:
         """(batch,) long, valid tokens per sample."""
         return self.valid.sum(dim=-1)
 
-    def head_attention(self, reduce: str = "sum") -> torch.Tensor:
-        """(batch, heads, image_tokens) float32, computed once per reduction."""
-        if reduce not in self._cache:
-            self._cache[reduce] = self.attention(reduce)
-        return self._cache[reduce]
+    def head_attention(self, reduce: str = "sum", query_rows: str = "all") -> torch.Tensor:
+        """(batch, heads, image_tokens) float32, computed once per reduction and row set."""
+        if (reduce, query_rows) not in self._cache:
+            self._cache[reduce, query_rows] = self.attention(reduce, query_rows)
+        return self._cache[reduce, query_rows]
 
     def last_row(self) -> torch.Tensor:
         """(batch, heads, image_tokens) float32."""
@@ -128,6 +129,26 @@ def check_count_or_fraction(name: str, value: int | float, allow_zero: bool = Fa
             raise InvalidSettingError(f"{name}={value} is out of range: a fraction must lie in (0, 1]")
     elif value < low:
         raise InvalidSettingError(f"{name}={value} is out of range: a token count must be >= {low}")
+
+
+QUERY_ROWS = ("all", "last_turn")  # which text rows score: every row that sees an image, or the last user message's
+
+
+def check_query_rows(query_rows: str) -> None:
+    """Validate the `query_rows` setting of an attention-based method."""
+    if query_rows not in QUERY_ROWS:
+        raise InvalidSettingError(
+            f"query_rows must be one of {', '.join(QUERY_ROWS)}, got {query_rows!r}", setting="query_rows"
+        )
+
+
+def scores_last_turn(method: SelectionMethod | None) -> bool:
+    """Whether `method`, or a method it wraps, scores only the last user message (`query_rows="last_turn"`)."""
+    while isinstance(method, SelectionMethod):
+        if getattr(method, "query_rows", "all") == "last_turn":
+            return True
+        method = getattr(method, "method", None) or getattr(method, "like", None)
+    return False
 
 
 def check_budget(budget: int | None) -> None:

@@ -8,7 +8,16 @@ import torch
 
 from ..errors import InvalidSettingError
 from ..selection import counts_from_setting, fill_to_budget, headwise_union
-from .base import ImageTokens, SelectionMethod, budget_counts, check_budget, check_count_or_fraction
+from .base import (
+    ImageTokens,
+    SelectionMethod,
+    budget_counts,
+    check_budget,
+    check_count_or_fraction,
+    check_query_rows,
+)
+
+ORDERS = ("most", "least")  # which end of each head's attention ranking is kept
 
 
 @dataclass
@@ -21,6 +30,10 @@ class HeadwiseTopK(SelectionMethod):
         budget: if set, exactly this many tokens per sample: the union ranked by head-summed score,
             filled up from the other tokens by the same score when the union is smaller.
         reduce: how a head's attention is aggregated over text rows, "sum" or "max".
+        query_rows: which text rows score: "all" (every row that sees an image, the paper's rule) or "last_turn"
+            (only the last user message and what follows it; needs `trim(..., tokenizer=...)`).
+        order: "most" keeps each head's most attended tokens (the method); "least" its least attended ones, the
+            paper's feature-order control, which should fall to random or below.
     """
 
     name = "headwise_topk"
@@ -29,15 +42,22 @@ class HeadwiseTopK(SelectionMethod):
     head_k: int | float = 0.25
     budget: int | None = None
     reduce: str = "sum"
+    query_rows: str = "all"
+    order: str = "most"
 
     def __post_init__(self) -> None:
         check_count_or_fraction("head_k", self.head_k)
         check_budget(self.budget)
         if self.reduce not in ("sum", "max"):
             raise InvalidSettingError(f"reduce must be 'sum' or 'max', got {self.reduce!r}")
+        check_query_rows(self.query_rows)
+        if self.order not in ORDERS:
+            raise InvalidSettingError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}", setting="order")
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
-        scores = tokens.head_attention(self.reduce)  # (batch, heads, image_tokens)
+        scores = tokens.head_attention(self.reduce, self.query_rows)  # (batch, heads, image_tokens)
+        if self.order == "least":
+            scores = -scores  # top-k of the negated attention: each head's least attended tokens
         union = headwise_union(scores, counts_from_setting(self.head_k, tokens.num_valid), tokens.valid)
         if self.budget is None:
             return union

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import per_tile_top
-from .base import ImageTokens, RatioMethod
+from .base import ImageTokens, RatioMethod, check_query_rows
 
 
 @dataclass
@@ -17,6 +17,12 @@ class TileBalanced(RatioMethod):
     name = "tile_balanced"
     description = "baseline: per-tile equal budget, tokens ranked by head-summed attention"
 
+    query_rows: str = "all"  # "all" rows that see an image score, or only the "last_turn"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_query_rows(self.query_rows)
+
     def select(self, tokens: ImageTokens) -> torch.Tensor:
-        scores = tokens.head_attention("sum").sum(dim=1)  # (batch, image_tokens)
+        scores = tokens.head_attention("sum", self.query_rows).sum(dim=1)  # (batch, image_tokens)
         return per_tile_top(scores, self.ratio, tokens.valid, tokens.layout[2])

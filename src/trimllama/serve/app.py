@@ -30,25 +30,29 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .batcher import Batcher, QueueFullError
-from .batcher import Request as Job
 from ..errors import InvalidSettingError
 from ..methods.base import check_seed
+from .batcher import Batcher, QueueFullError
+from .batcher import Request as Job
 from .config import ServeConfig
 from .errors import APIError, invalid
+from .feature_cache import FeatureCache
 from .generation import Engine, RowResult, SamplingParams
 from .metrics import ServeMetrics
 from .prompts import EncodedPrompt, build_conversation, check_prompt_length, encode_conversation
 from .schemas import ChatCompletionRequest, ImagePart, parse_request
-from .trimming import TrimSetting, check_fits, resolve_trim
+from .trimming import TrimSetting, check_fits, check_turns, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
 
 
 def create_app(model, processor, config: ServeConfig) -> FastAPI:
     """A FastAPI app serving `model` (a loaded Mllama in eval mode) with `processor`."""
-    engine = Engine(model, processor)
+    feature_cache = FeatureCache(config.feature_cache_bytes) if config.feature_cache_bytes else None
+    engine = Engine(model, processor, feature_cache)
     metrics = ServeMetrics()
+    if feature_cache is not None:
+        metrics.registry.register(feature_cache)
     batcher = Batcher(engine, config, metrics)
     default_setting = TrimSetting(config.method, config.trim_scoring_layer)
     started = int(time.time())
@@ -181,6 +185,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
                 code="model_not_found",
             )
         setting = resolve_trim(chat.trim, default_setting)
+        check_turns(setting, processor)
         sampling_seed = _checked_seed(chat.seed)
         prompt: EncodedPrompt = await encode_bounded(chat)
         check_fits(setting, model, prompt.inputs)

@@ -48,6 +48,8 @@ class ServeConfig:
             image holds up to ~24 bytes per pixel of `images.max_pixels` meanwhile, so this bounds the memory
             images take however many arrive). Requests with images beyond it wait without holding an encoder
             thread (text-only requests go past them), within the same `max_queue` bound: one more is 503.
+        feature_cache_bytes: byte limit of the LRU of full projected image features keyed by image content
+            (`serve.feature_cache`), so a follow-up about the same image skips the vision tower; 0 turns it off.
     """
 
     model_name: str
@@ -62,12 +64,15 @@ class ServeConfig:
     max_text_chars: int = 512 * 1024
     encode_workers: int = 2
     max_concurrent_decodes: int = 2
+    feature_cache_bytes: int = 2**30
 
     def __post_init__(self) -> None:
         counts = "max_batch_size max_queue default_max_tokens max_text_chars encode_workers max_concurrent_decodes"
         for name in counts.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.feature_cache_bytes < 0:
+            raise ValueError(f"feature_cache_bytes must be >= 0 (0 turns the feature cache off), got {self.feature_cache_bytes}")
         if self.batch_window_ms < 0:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         for name in ("max_bytes", "max_pixels", "max_images"):

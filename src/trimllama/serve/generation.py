@@ -20,6 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 
 from ..adapters import adapter_for
 from ..handle import TrimHandle, trim
+from .feature_cache import IMAGE_SLOT_INPUTS, FeatureCache, cached_image_features, slot_key
 from .prompts import EncodedPrompt, collate
 from .trimming import TrimSetting
 
@@ -172,8 +173,10 @@ class _Row:
 class Engine:
     """Runs batches of jobs on one Mllama model. Not thread-safe: one thread calls `generate`."""
 
-    def __init__(self, model, processor) -> None:
+    def __init__(self, model, processor, feature_cache: FeatureCache | None = None) -> None:
         self.model = model
+        self.processor = processor
+        self.feature_cache = feature_cache
         self.tokenizer = processor.tokenizer
         generation_config = model.generation_config
         eos = generation_config.eos_token_id
@@ -199,6 +202,7 @@ class Engine:
     def generate(self, jobs: Sequence[Job], setting: TrimSetting) -> None:
         """Serve `jobs` together; each gets its deltas and then `finish(RowResult)`, unless cancelled."""
         batch = collate([job.prompt for job in jobs], self.pad_id)
+        keys = self._slot_keys(batch)
         batch = {key: value.to(self.device) for key, value in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
@@ -207,12 +211,20 @@ class Engine:
             for job in jobs
         ]
         trimmed = setting.method is not None and "pixel_values" in batch
-        context = trim(self.model, setting.method, trim_scoring_layer=setting.trim_scoring_layer) if trimmed else None
+        context = (
+            trim(self.model, setting.method, trim_scoring_layer=setting.trim_scoring_layer, tokenizer=self.processor)
+            if trimmed
+            else None
+        )
         with context if context is not None else contextlib.nullcontext():
             attention_mask = batch["attention_mask"]
             # as generate(): positions count the row's own tokens, so left padding shifts nothing
             prefill_positions = (attention_mask.cumsum(dim=-1) - 1).masked_fill(attention_mask == 0, 0)
-            logits, cache = self._forward({**batch, "position_ids": prefill_positions}, past_key_values=None)
+            prefill = {**batch, "position_ids": prefill_positions}
+            if keys is not None:
+                features = cached_image_features(self.feature_cache, self.facts, self.model, batch, keys)
+                prefill = self.facts.with_image_features(self.model, prefill, features)
+            logits, cache = self._forward(prefill, past_key_values=None)
             reports = self._trim_reports(batch, context, setting)
             positions = prefill_positions[:, -1:]  # (batch, 1)
             cross_mask = batch.get("cross_attention_mask")
@@ -242,6 +254,16 @@ class Engine:
                     trim=report,
                 )
             )
+
+    def _slot_keys(self, batch: dict) -> list[list[str]] | None:
+        """`slot_key` of every (sample, image) slot of a CPU batch; None without images or without a feature cache."""
+        if self.feature_cache is None or "pixel_values" not in batch:
+            return None
+        slots = [batch[name] for name in IMAGE_SLOT_INPUTS]
+        return [
+            [slot_key(*(inputs[sample, image] for inputs in slots)) for image in range(slots[0].shape[1])]
+            for sample in range(slots[0].shape[0])
+        ]
 
     def _forward(self, inputs: dict, past_key_values) -> tuple[torch.Tensor, object]:
         """(batch, vocab) float32 logits of the last position, and the cache."""

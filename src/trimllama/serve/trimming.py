@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from ..adapters import adapter_for
 from ..errors import TrimllamaError, UnknownMethodError
 from ..methods import SelectionMethod, build_method, check_fits_image
+from ..methods.base import scores_last_turn
+from ..turns import user_turn_opener
 from .errors import APIError, invalid
 from .schemas import TrimOptions
 
@@ -53,6 +55,17 @@ def check_fits(setting: TrimSetting, model, inputs: dict) -> None:
         return
     try:
         check_fits_image(setting.method, adapter_for(model).image_tokens(model, inputs)[0])
+    except TrimllamaError as error:
+        raise trim_error(error) from None
+
+
+def check_turns(setting: TrimSetting, processor) -> None:
+    """Refuse `query_rows="last_turn"` up front when the model's chat template marks no user turn (a 400, not a
+    failed batch)."""
+    if not scores_last_turn(setting.method):
+        return
+    try:
+        user_turn_opener(processor)
     except TrimllamaError as error:
         raise trim_error(error) from None
 

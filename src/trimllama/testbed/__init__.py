@@ -17,8 +17,10 @@ from pathlib import Path
 from .data import (
     ANSWERS_BY_TYPE,
     QUESTION_TYPES,
+    Conversation,
     Question,
     SceneObject,
+    make_conversations,
     make_questions,
 )
 
@@ -27,12 +29,14 @@ CHECKPOINT_DIR: Path = Path(__file__).resolve().parent / "checkpoint"
 __all__ = [
     "ANSWERS_BY_TYPE",
     "CHECKPOINT_DIR",
+    "Conversation",
     "QUESTION_TYPES",
     "Question",
     "SceneObject",
     "answer_matches",
     "build_prompt",
     "load_testbed",
+    "make_conversations",
     "make_questions",
 ]
 

@@ -343,3 +343,57 @@ def patch_labels(q: Question, tile_size: int = TILE_SIZE, patch_size: int = PATC
             col[t, 1:] = col_ids[best]
             shp[t, 1:] = shp_ids[best]
     return col, shp
+
+
+# --------------------------------------------------------------------------- two-turn conversations
+
+
+@dataclass
+class Conversation:
+    """Two questions about one image: `first` about one object, `second` (of any type) about others.
+
+    Both share the image; `second.target_indices` never include the object `first` asks about.
+    """
+
+    first: Question
+    second: Question
+
+    @property
+    def qtype(self) -> str:
+        """The second question's type (what a conversation is reported under)."""
+        return self.second.qtype
+
+
+def _first_question(rng: random.Random, scene: Question) -> Question | None:
+    """A colour or shape question about an object the second question does not depend on, unique by the
+    attribute it is named by; None if the scene has no such object."""
+    candidates = []
+    for index, ob in enumerate(scene.objects):
+        if index in scene.target_indices:
+            continue
+        if sum(o.shape == ob.shape for o in scene.objects) == 1:
+            candidates.append(("color", f"what color is the {ob.shape} ?", ob.color, index))
+        if sum(o.color == ob.color for o in scene.objects) == 1:
+            candidates.append(("shape", f"what shape is the {ob.color} one ?", ob.shape, index))
+    if not candidates:
+        return None
+    qtype, text, answer, index = rng.choice(candidates)
+    return Question(image=scene.image, question=text, answer=answer, qtype=qtype, objects=scene.objects,
+                    target_indices=[index], tiles=scene.tiles, label_map=scene.label_map)
+
+
+def make_conversations(n: int, seed: int, qtypes: tuple[str, ...] | None = None) -> list[Conversation]:
+    """``n`` two-turn conversations, deterministic in ``seed``; the second question's types cycle.
+
+    The scene is drawn for the second question (as `make_question` does); the first asks the colour or
+    shape of another object, named by an attribute no other object shares. Scenes without one are redrawn.
+    """
+    qtypes = tuple(qtypes or QUESTION_TYPES)
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        second = make_question(rng, qtypes[len(out) % len(qtypes)])
+        first = _first_question(rng, second)
+        if first is not None:
+            out.append(Conversation(first=first, second=second))
+    return out

@@ -197,7 +197,7 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
             features=request.features,
             valid=valid,
             layout=(1, width // plan.patches, plan.patches),
-            attention=lambda reduce: scores(every_row, reduce),
+            attention=lambda reduce, query_rows: scores(every_row, reduce),  # query_rows: settings refuse last_turn
             last_row_attention=lambda: scores(last_row, "sum"),
         )
         keep = method.select(tokens)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from ...errors import InvalidSettingError
 from ...methods import MergeRemainder, SelectionMethod, build_method
+from ...methods.base import scores_last_turn
 
 SETTINGS_VARIABLE = "TRIMLLAMA_SGLANG_SETTINGS"
 KEPT_DUMP_VARIABLE = "TRIMLLAMA_SGLANG_KEPT_DUMP"  # a file each rank appends the kept indices of every image to
@@ -33,7 +34,7 @@ class EngineSettings:
         Raises:
             InvalidSettingError: settings `build_method` refuses; a method without a fixed `budget` (the engine
                 reserves each image's slots before any forward pass); `MergeRemainder` (its extra columns need a
-                per-column attention bias that SGLang's attention does not take).
+                per-column attention bias that SGLang's attention does not take); `query_rows="last_turn"`.
         """
         method = build_method(self.method, **self.settings)
         if method is None:
@@ -42,6 +43,12 @@ class EngineSettings:
             raise InvalidSettingError(
                 "MergeRemainder (merge_remainder) is not supported on SGLang: its remainder tokens need a "
                 "per-column attention bias that SGLang's attention does not take",
+            )
+        if scores_last_turn(method):
+            raise InvalidSettingError(
+                "query_rows=last_turn is not supported on SGLang yet: the engine scores every text row of the "
+                "prefill that encodes the image",
+                setting="query_rows",
             )
         if "budget" not in {f.name for f in dataclasses.fields(method)}:
             raise InvalidSettingError(
