@@ -32,13 +32,14 @@ import io
 import json
 import os
 import platform
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from trimllama.harness.server_process import ServerProcess, free_port
 
 ARMS = {
     "one_at_a_time": ("single", {"method": "none"}),
@@ -56,7 +57,11 @@ def build_bench11b(layers: int, dtype_name: str):
     import torch
     from tokenizers import Tokenizer, decoders, pre_tokenizers
     from tokenizers.models import WordLevel
-    from transformers import MllamaImageProcessorPil, MllamaProcessor, PreTrainedTokenizerFast
+    from transformers import (
+        MllamaImageProcessorPil,
+        MllamaProcessor,
+        PreTrainedTokenizerFast,
+    )
 
     from trimllama.bench import LLAMA_32_11B_VISION, build_model
 
@@ -212,44 +217,21 @@ def batch_stats(metrics_text: str) -> tuple[float, float]:
     return values["trimllama_batch_size_count"], values["trimllama_batch_size_sum"]
 
 
-class ServerProcess:
-    def __init__(self, args: argparse.Namespace, max_batch_size: int) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        command = [
-            sys.executable, __file__, "serve", "--model", args.model, "--port", str(self.port),
-            "--max-batch-size", str(max_batch_size), "--batch-window-ms", str(args.batch_window_ms),
-            "--layers", str(args.layers), "--dtype", args.dtype, "--threads", str(args.threads),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(command, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def start_server(args: argparse.Namespace, max_batch_size: int, log: Path) -> ServerProcess:
+    """This script's own `serve` (the 11B-width model) with `max_batch_size`, on a free port."""
+    port = free_port()
+    command = [
+        sys.executable, __file__, "serve", "--model", args.model, "--port", str(port),
+        "--max-batch-size", str(max_batch_size), "--batch-window-ms", str(args.batch_window_ms),
+        "--layers", str(args.layers), "--dtype", args.dtype, "--threads", str(args.threads),
+    ]  # fmt: skip
+    return ServerProcess(command, {**os.environ, "HF_HUB_OFFLINE": "1"}, log, port)
 
-    def wait_ready(self, timeout: float) -> None:
-        import httpx
 
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(f"the server exited with {self.process.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.5)
-        raise SystemExit(f"the server was not ready after {timeout:.0f} s")
+def metrics(server: ServerProcess) -> str:
+    import httpx
 
-    def metrics(self) -> str:
-        import httpx
-
-        return httpx.get(f"{self.url}/metrics", timeout=30).text
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+    return httpx.get(f"{server.url}/metrics", timeout=30).text
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -258,7 +240,8 @@ def bench(args: argparse.Namespace) -> dict:
     trimmed = {"method": "headwise_topk", **({"budget": args.budget} if args.budget else {"head_k": args.head_k})}
     arms = {name: (kind, trim if trim is not None else trimmed) for name, (kind, trim) in ARMS.items()}
     bodies = request_bodies(args.model, max(args.requests), args.seed)
-    servers = {"single": ServerProcess(args, 1), "batched": ServerProcess(args, args.max_batch_size)}
+    logs = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    servers = {kind: start_server(args, size, logs / f"{kind}.log") for kind, size in (("single", 1), ("batched", args.max_batch_size))}
     results: dict = {name: [] for name in arms}
     try:
         for server in servers.values():
@@ -271,11 +254,11 @@ def bench(args: argparse.Namespace) -> dict:
             for repeat in range(args.repeats):
                 for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
                     kind, trim = arms[name]
-                    batches_before, served_before = batch_stats(servers[kind].metrics())
+                    batches_before, served_before = batch_stats(metrics(servers[kind]))
                     runs[name].append(
                         asyncio.run(run_level(servers[kind].url, args.model, bodies, trim, concurrency, requests, args.max_tokens, args.timeout))
                     )
-                    batches_after, served_after = batch_stats(servers[kind].metrics())
+                    batches_after, served_after = batch_stats(metrics(servers[kind]))
                     batch_counts[name][0] += batches_after - batches_before
                     batch_counts[name][1] += served_after - served_before
             for name in arms:

@@ -20,9 +20,6 @@ import argparse
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,14 +28,10 @@ from pathlib import Path
 
 import requests
 
+from trimllama.harness.server_process import ServerProcess, free_port
+
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
              "--mem-fraction-static", "0.05", "--skip-server-warmup"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def find_key(data, key: str):
@@ -55,40 +48,11 @@ def find_key(data, key: str):
     return None
 
 
-class Server:
-    def __init__(self, command: list[str], env: dict, port: int, log: Path) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        with open(log, "w") as out:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        self.log = log
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError("server not ready after 600 s")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
-
-
 def image_url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-def measure(server: Server, args: argparse.Namespace, urls: list[str]) -> dict:
+def measure(server: ServerProcess, args: argparse.Namespace, urls: list[str]) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
@@ -166,8 +130,9 @@ def main() -> None:
             command = [sys.executable, "-m", "sglang.launch_server", *launch]
         else:
             command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(budget), "--", *launch]
-        server = Server(command, env, port, work / f"{arm}.log")
+        server = ServerProcess(command, env, work / f"{arm}.log", port)
         try:
+            server.wait_ready(600)
             results[arm] = measure(server, args, urls)
         finally:
             server.stop()

@@ -5,24 +5,16 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import struct
-import subprocess
 import sys
 import tempfile
-import time
 import zlib
 
 import httpx
-import pytest
+
+from trimllama.harness.server_process import ServerProcess, free_port
 
 TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_bytes(image) -> bytes:
@@ -53,41 +45,23 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-class Server:
+class Server(ServerProcess):
     """`trimllama serve` in a subprocess; its log is shown when it fails to come up."""
 
     def __init__(self, *options: str, api_key: str | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.log = tempfile.NamedTemporaryFile(prefix="trimllama-serve-", suffix=".log", delete=False)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         env.pop("TRIMLLAMA_API_KEY", None)
         if api_key:
             env["TRIMLLAMA_API_KEY"] = api_key
+        port = free_port()
         command = [sys.executable, "-c", "import sys; from trimllama.cli import main; sys.exit(main())", "serve"]
-        self.process = subprocess.Popen(
-            [*command, "--port", str(self.port), "--log-level", "warning", *options],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        handle, log = tempfile.mkstemp(prefix="trimllama-serve-", suffix=".log")
+        os.close(handle)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        super().__init__([*command, "--port", str(port), "--log-level", "warning", *options], env, log, port, headers)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"server exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                if httpx.get(f"{self.url}/health", headers=self.headers, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.25)
-        pytest.fail(f"server not ready after {timeout} s:\n{self.output()}")
-
-    def output(self) -> str:
-        with open(self.log.name) as log:
-            return log.read()[-4000:]
+        super().wait_ready(timeout)
 
     def get(self, path: str, **kwargs) -> httpx.Response:
         return httpx.get(self.url + path, headers=self.headers, timeout=TIMEOUT, **kwargs)
@@ -96,9 +70,5 @@ class Server:
         return httpx.post(self.url + path, headers={**self.headers, **kwargs.pop("headers", {})}, timeout=TIMEOUT, **kwargs)
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        os.unlink(self.log.name)
+        super().stop(grace=15)
+        self.log.unlink(missing_ok=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -21,16 +20,11 @@ pytest.importorskip("accelerate")
 
 from trimllama import HeadwiseTopK  # noqa: E402
 from trimllama.harness.evaluate import answer_questions  # noqa: E402
+from trimllama.harness.server_process import free_port  # noqa: E402
 from trimllama.integrations.lmms_tasks import TASK_NAME, write_testbed_task  # noqa: E402
 from trimllama.testbed import CHECKPOINT_DIR, build_prompt, load_testbed, make_questions  # noqa: E402
 
 QUESTIONS, SEED, BATCH = 12, 7, 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_accelerate_launch_two_cpu_processes_answers_every_document_once(tmp_path):

@@ -8,17 +8,14 @@ from __future__ import annotations
 import base64
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import requests
 
+from trimllama.harness.server_process import ServerProcess, free_port
 from trimllama.testing import random_image, save_sglang_checkpoint
 
 pytest.importorskip("sglang.srt")
@@ -37,43 +34,12 @@ SGLANG_FLAGS = [
 ]  # fmt: skip
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
+class Server(ServerProcess):
     """One SGLang server process group; `generate` posts to its native /generate endpoint."""
 
     def __init__(self, command: list[str], env: dict, log: Path, port: int, kept_dump: Path | None = None) -> None:
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = log
+        super().__init__(command, env, log, port)
         self.kept_dump = kept_dump
-        with open(log, "w") as out:
-            self.process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except requests.RequestException:  # not listening yet, or busy starting
-                pass
-            time.sleep(1)
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(10)
 
     def generate(self, prompt: str | list[str], images=None, max_new_tokens: int = 8) -> dict | list[dict]:
         """Greedy /generate; `images` is a path (or list of paths, or None per prompt of a batch)."""
@@ -116,7 +82,7 @@ def running(checkpoint: Path, workdir: Path, name: str, trimllama: list[str] | N
         command = [str(Path(sys.executable).parent / "trimllama"), "sglang", *trimllama, "--", *launch]
     server = Server(command, env, workdir / f"{name}.log", port, kept_dump)
     try:
-        server.wait_ready()
+        server.wait_ready(START_TIMEOUT_S)
         yield server
     finally:
         server.stop()
