@@ -55,12 +55,21 @@ class ServerProcess:
         raise RuntimeError(f"the server was not ready after {timeout:.0f} s:\n{self.output()}")
 
     def stop(self, grace: float = 30.0) -> None:
-        """SIGTERM to the process group; SIGKILL if it has not ended after `grace` seconds."""
-        if self.process.poll() is not None:
+        """SIGTERM to the process group; SIGKILL if it has not ended after `grace` seconds.
+
+        The group is signalled even when the leader has exited already: a launcher that died can leave its
+        workers (SGLang's scheduler, TP ranks) running.
+        """
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:  # the whole group has ended
             return
-        os.killpg(self.process.pid, signal.SIGTERM)
         try:
             self.process.wait(grace)
         except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            return
+        self.process.wait(10)
