@@ -71,6 +71,7 @@ def running(checkpoint: Path, workdir: Path, name: str, trimllama: list[str] | N
     launch = ["--model-path", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--tp", str(tp), *SGLANG_FLAGS]
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SGLANG_", "TRIMLLAMA_SGLANG"))}
     env["SGLANG_USE_CPU_ENGINE"] = "1"
+    env["SGLANG_ENABLE_COLOCATED_BATCH_GEN"] = "1"  # a /generate batch reaches the scheduler as one (test_engine)
     if tp > 1:
         env["SGLANG_CPU_OMP_THREADS_BIND"] = "|".join(str(core % (os.cpu_count() or 1)) for core in range(tp))
     kept_dump = None

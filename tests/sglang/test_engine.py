@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -127,8 +126,8 @@ def test_concurrent_openai_requests_equal_lone(trimmed_server, image_files):
 def row_mask_case(server, image_files) -> tuple[list[int], list[int]]:
     """An image request alone, then in one prefill batch after a text-only request whose prefix is cached.
 
-    A two-image request goes first: while its prefill runs, the text-only request and then the image request
-    arrive, and SGLang's first-come-first-served scheduling puts them in its next prefill batch in that order.
+    Both go in one /generate batch; the servers run with SGLANG_ENABLE_COLOCATED_BATCH_GEN, so SGLang holds the
+    scheduler's input until the whole batch is tokenized and the two requests meet in one prefill batch (no timing).
     """
     text_only = "<|begin_of_text|>question : " + " ".join(["what color is the square"] * 6) + " answer :"
     image_prompt = prompt(QUESTIONS[1])
@@ -136,15 +135,9 @@ def row_mask_case(server, image_files) -> tuple[list[int], list[int]]:
     server.flush_cache()
     server.generate(text_only)
     shared_batches = server.prefill_batches(2)
-    with ThreadPoolExecutor(3) as pool:
-        blocker = pool.submit(server.generate, prompt("is there a big blue circle", 2), [image_files["four_b"], image_files["two"]])
-        time.sleep(0.3)
-        text = pool.submit(server.generate, text_only)
-        time.sleep(0.1)
-        batched = pool.submit(server.generate, image_prompt, image_files["four"])
-        blocker.result(), text.result()
+    _, batched = server.generate([text_only, image_prompt], [None, image_files["four"]])
     assert server.prefill_batches(2) == shared_batches + 1, "the two requests did not share a prefill batch"
-    return lone, batched.result()["output_ids"]
+    return lone, batched["output_ids"]
 
 
 def test_row_mask_miscount_on_stock_fixed_by_trimllama(stock_server, trimmed_server, image_files):
