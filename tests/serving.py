@@ -8,6 +8,7 @@ import os
 import struct
 import sys
 import tempfile
+import time
 import zlib
 
 import httpx
@@ -43,6 +44,17 @@ def metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise AssertionError(f"{name} not in /metrics")
+
+
+def wait_for_metric(server, name: str, done) -> float:
+    """Poll /metrics until `done(value)` holds for the sample `name`; its value then."""
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        value = metric(server.get("/metrics").text, name)
+        if done(value):
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"{name} never reached the expected value")
 
 
 class Server(ServerProcess):

@@ -34,7 +34,7 @@ from trimllama.serve.prompts import Conversation, collate, encode_conversation  
 from trimllama.serve.trimming import TrimSetting  # noqa: E402
 from trimllama.testbed import CHECKPOINT_DIR, answer_matches, load_testbed, make_questions  # noqa: E402
 
-from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes  # noqa: E402
+from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes, wait_for_metric  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
@@ -317,7 +317,7 @@ def test_full_queue_answers_503_with_retry_after(servers, questions):
 
     with ThreadPoolExecutor(max_workers=3) as pool:
         first = [pool.submit(post) for _ in range(2)]
-        time.sleep(1.0)  # both wait in the queue for the 3 s batch window
+        wait_for_metric(slow, "trimllama_queue_depth", lambda depth: depth == 2)  # both wait out the 3 s window
         rejected = post()
         accepted = [future.result(timeout=TIMEOUT) for future in first]
     assert rejected.status_code == 503, rejected.text

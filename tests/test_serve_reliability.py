@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,7 +34,7 @@ from trimllama.serve.prompts import Conversation, encode_conversation  # noqa: E
 from trimllama.testbed import CHECKPOINT_DIR, make_questions  # noqa: E402
 
 from multitoken import multitoken_testbed, save_multitoken_testbed  # noqa: E402
-from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes  # noqa: E402
+from serving import TIMEOUT, Server, bomb_png, data_url, metric, png_bytes, wait_for_metric  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
     not (CHECKPOINT_DIR / "model.safetensors").exists(), reason=f"testbed checkpoint missing in {CHECKPOINT_DIR}"
@@ -175,17 +174,6 @@ def test_a_tiny_temperature_answers_greedily(client, questions):
             extra_body={"trim": TRIMMED},
         )
         assert response.choices[0].message.content == greedy
-
-
-def wait_for_metric(server, name: str, done) -> float:
-    """Poll /metrics until `done(value)` holds for the sample `name`; its value then."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        value = metric(server.get("/metrics").text, name)
-        if done(value):
-            return value
-        time.sleep(0.01)
-    raise AssertionError(f"{name} never reached the expected value")
 
 
 def test_a_huge_text_does_not_hold_up_a_small_request(server, questions):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .data import COLOR_NAMES, COUNTS, PATCH_SIZE, SHAPES, TILE_SIZE
+from .data import COLOR_NAMES, PATCH_SIZE, SHAPES, TILE_SIZE
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"

@@ -157,7 +157,7 @@ def _free(box, placed, gap=3) -> bool:
 
 def _random_box(rng: random.Random, tiles, placed, xmin=0, xmax=None, size=None, tries=200):
     """A box fully inside one tile (2 px margin), not touching ``placed``."""
-    h, w = tiles[0] * TILE_SIZE, tiles[1] * TILE_SIZE
+    w = tiles[1] * TILE_SIZE
     xmax = w if xmax is None else xmax
     for _ in range(tries):
         s = size or rng.randint(OBJ_MIN, OBJ_MAX)
@@ -229,7 +229,7 @@ def _make_count(rng: random.Random, tiles, max_count: int = 4):
 def _make_relation(rng: random.Random, tiles):
     """Anchor of a unique colour; exactly one object to its left, at the same height and
     close by; every other object lies entirely to the right of the anchor."""
-    h, w = tiles[0] * TILE_SIZE, tiles[1] * TILE_SIZE
+    w = tiles[1] * TILE_SIZE
     color = rng.choice(COLOR_NAMES)
     others = [c for c in COLOR_NAMES if c != color]
     answer = rng.choice(SHAPES)

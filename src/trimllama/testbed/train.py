@@ -240,7 +240,7 @@ def main(argv=None):
                 cur_threads = args.threads
             elif phase == 20 and len(probe) == 2:
                 cur_threads = min(probe, key=lambda k: sum(probe[k]) / len(probe[k]))
-                log(f"threads probe: " + " ".join(f"{k}: {sum(v) / len(v):.2f}s/step" for k, v in probe.items())
+                log("threads probe: " + " ".join(f"{k}: {sum(v) / len(v):.2f}s/step" for k, v in probe.items())
                     + f" -> using {cur_threads}")
             torch.set_num_threads(cur_threads)
         t0 = time.time()
