@@ -240,3 +240,39 @@ def test_shuffled_images_fall_to_chance(real_acc, shuffled_acc, eval_questions):
         ans = Counter(q.answer for q in eval_questions if q.qtype == t)
         majority = max(ans.values()) / sum(ans.values())
         assert shuffled_acc[t] <= majority + 0.2, (t, shuffled_acc[t], majority)
+
+
+def test_conversation_batches_train_the_second_answer():
+    """A conversation's training text is the chat template's second turn with the first answer given, then the
+    second answer and EOS: the two positions `train` puts its loss on."""
+    from trimllama.testbed import train
+
+    processor = build.make_processor()
+    conversation = data.make_conversations(1, seed=5)[0]
+    batch = train.make_batch(processor, [conversation, conversation.second], with_answers=True)
+    answer_id = processor.tokenizer.convert_tokens_to_ids(conversation.second.answer)
+    first_answer_id = processor.tokenizer.convert_tokens_to_ids(conversation.first.answer)
+    assert batch["input_ids"][:, -2:].tolist() == [[answer_id, build.EOS_ID]] * 2
+    conversation_ids = batch["input_ids"][0].tolist()
+    assert first_answer_id in conversation_ids and conversation_ids.count(build.BOS_ID) == 2
+    assert build.BOS_ID in batch["input_ids"][1].tolist() and batch["input_ids"][1].tolist().count(build.BOS_ID) == 1
+
+
+@needs_ckpt
+def test_fine_tuning_starts_from_the_checkpoint_and_never_saves_worse(tmp_path):
+    """`--init-from` evaluates the starting checkpoint first and saves a later step only when it scores at least
+    as high (single questions and second turns averaged)."""
+    import json
+
+    from trimllama.testbed import train
+
+    out = tmp_path / "out"
+    train.main(["--init-from", str(testbed.CHECKPOINT_DIR), "--out", str(out), "--work-dir", str(tmp_path / "work"),
+                "--conversations", "0.5", "--steps", "2", "--batch-size", "4", "--eval-n", "8", "--eval-every", "1",
+                "--threads", "1", "--curriculum", "0"])
+    history = torch.load(tmp_path / "work" / "train_state.pt", weights_only=False)["history"]
+    assert [record["step"] for record in history] == [0, 1, 2]
+    summary = json.loads((out / "training_summary.json").read_text())
+    scores = [(r["overall"] + r["second_turn"]["overall"]) / 2 for r in history]
+    assert summary["best_step"] == max(r["step"] for r, score in zip(history, scores) if score == max(scores))
+    assert set(summary["second_turn_accuracy_200"]) == {*data.QUESTION_TYPES, "overall"}

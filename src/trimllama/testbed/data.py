@@ -364,7 +364,7 @@ class Conversation:
         return self.second.qtype
 
 
-def _first_question(rng: random.Random, scene: Question) -> Question | None:
+def first_question(rng: random.Random, scene: Question) -> Question | None:
     """A colour or shape question about an object the second question does not depend on, unique by the
     attribute it is named by; None if the scene has no such object."""
     candidates = []
@@ -393,7 +393,7 @@ def make_conversations(n: int, seed: int, qtypes: tuple[str, ...] | None = None)
     out = []
     while len(out) < n:
         second = make_question(rng, qtypes[len(out) % len(qtypes)])
-        first = _first_question(rng, second)
+        first = first_question(rng, second)
         if first is not None:
             out.append(Conversation(first=first, second=second))
     return out

@@ -1,7 +1,14 @@
-"""Train the fidelity testbed from scratch on CPU.
+"""Train the fidelity testbed on CPU, from scratch or on from a checkpoint.
 
     PYTHONPATH=src python -m trimllama.testbed.train --out src/trimllama/testbed/checkpoint \
         [--steps N] [--resume] [--work-dir /tmp/trimllama_testbed_train]
+
+Fine-tuning the shipped checkpoint on a mix of single questions and two-turn conversations (the
+second answer is trained, the first is given in the prompt as the chat template writes it):
+
+    PYTHONPATH=src python -m trimllama.testbed.train --init-from src/trimllama/testbed/checkpoint \
+        --out /tmp/finetuned --conversations 0.35 --steps 1200 --lr 3e-4 --curriculum 0 \
+        --aux-start 0.1 --aux-end 0.1
 
 The training state (model + optimizer + step) is saved every ``--save-every`` steps to
 ``WORK_DIR/train_state.pt`` (never inside the shipped checkpoint dir) and the log goes to
@@ -51,21 +58,39 @@ def balanced_patch_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     return total
 
 
-def make_batch(processor, questions, with_answers: bool):
+def prompt_text(processor, item) -> str:
+    """The prompt of a question, or of a conversation's second turn (first answer given, chat template)."""
+    if isinstance(item, data.Conversation):
+        from ..harness.evaluate_conversations import second_messages
+
+        return processor.apply_chat_template(second_messages(item, item.first.answer), add_generation_prompt=True)
+    return build.PROMPT_TEMPLATE.format(question=item.question)
+
+
+def target(item) -> data.Question:
+    """The question whose answer is trained and scored: a conversation's second one."""
+    return item.second if isinstance(item, data.Conversation) else item
+
+
+def make_batch(processor, items, with_answers: bool):
+    """Questions and conversations (one image each) -> processor inputs, left-padded."""
     texts = []
-    for q in questions:
-        t = build.PROMPT_TEMPLATE.format(question=q.question)
+    for item in items:
+        t = prompt_text(processor, item)
         if with_answers:
-            t = t + " " + q.answer + build.EOS
+            t = t + " " + target(item).answer + build.EOS
         texts.append(t)
     processor.tokenizer.padding_side = "left"
-    enc = processor(images=[[q.image] for q in questions], text=texts, return_tensors="pt", padding=True)
+    enc = processor(images=[[target(item).image] for item in items], text=texts, return_tensors="pt", padding=True)
     return enc
 
 
 @torch.no_grad()
 def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False):
-    """Greedy accuracy per question type. ``shuffle_images`` rolls the images across the batch."""
+    """Greedy accuracy per question type (of conversations: of the second turn, the first answer given).
+
+    ``shuffle_images`` rolls the images across the batch (questions only).
+    """
     from . import answer_matches
 
     model.eval()
@@ -84,7 +109,7 @@ def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: 
                              pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
         gen = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for q, g in zip(qs, gen):
-            per.setdefault(q.qtype, []).append(answer_matches(g, q.answer))
+            per.setdefault(q.qtype, []).append(answer_matches(g, target(q).answer))
     res = {k: sum(v) / len(v) for k, v in sorted(per.items())}
     res["overall"] = sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values())
     model.train()
@@ -136,6 +161,10 @@ def main(argv=None):
     ap.add_argument("--curriculum", type=float, default=0.3,
                     help="fraction of the steps that favour single-tile images (SINGLE_TILE_FIRST)")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-from", default=None,
+                    help="fine-tune: start from this checkpoint (a new optimizer and auxiliary head) instead of new weights")
+    ap.add_argument("--conversations", type=float, default=0.0,
+                    help="fraction of each batch drawn as two-turn conversations (their second answer is trained)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
     ap.add_argument("--profile", action="store_true", help="print timings of the first steps")
@@ -163,7 +192,12 @@ def main(argv=None):
 
     processor = build.make_processor()
     config = build.make_config()
-    model = build.new_model(config, gate_init=1.0, seed=args.seed)
+    if args.init_from:
+        from . import load_testbed
+
+        model = load_testbed(checkpoint_dir=args.init_from)[0].train()
+    else:
+        model = build.new_model(config, gate_init=1.0, seed=args.seed)
     hid = config.text_config.hidden_size
     aux_head = torch.nn.Linear(hid, 1 + len(data.COLOR_NAMES) + 1 + len(data.SHAPES))
     params = list(model.parameters()) + list(aux_head.parameters())
@@ -192,6 +226,7 @@ def main(argv=None):
         lambda m, i, o: captured.__setitem__("proj", o))
 
     eval_qs = data.make_questions(args.eval_n, seed=10_000_019)
+    eval_conversations = data.make_conversations(args.eval_n, seed=10_000_079) if args.conversations else []
     qtypes = data.QUESTION_TYPES
     weights = tuple(QTYPE_WEIGHTS[t] for t in qtypes)
     n_col = 1 + len(data.COLOR_NAMES)
@@ -207,18 +242,29 @@ def main(argv=None):
         t0 = time.time()
         res = evaluate(model, processor, eval_qs)
         score = (res["overall"], min(v for k, v in res.items() if k != "overall"))
-        history.append({"step": step, **res})
+        record = {"step": step, **res}
+        if eval_conversations:
+            second = evaluate(model, processor, eval_conversations)
+            record["second_turn"] = second
+            score = ((res["overall"] + second["overall"]) / 2, score[1])
+        history.append(record)
         log(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items())
+            + (f" second_turn={record['second_turn']['overall']:.3f}" if eval_conversations else "")
             + f" ({time.time() - t0:.1f}s)")
         if best is None or score >= tuple(best["score"]):
             best = {"step": step, "score": list(score), "res": res}
             build.save_all(model, processor, out_dir)
             with open(out_dir / "training_summary.json", "w") as f:
-                json.dump({"best_step": step, "heldout_accuracy_200": res, "args": vars(args),
-                           "note": "held-out accuracy during training on 200 questions (seed 10000019)"},
-                          f, indent=1)
+                summary = {"best_step": step, "heldout_accuracy_200": res, "args": vars(args),
+                           "note": "held-out accuracy during training on 200 questions (seed 10000019)"}
+                if eval_conversations:
+                    summary["second_turn_accuracy_200"] = record["second_turn"]
+                    summary["note"] += "; second turn of 200 conversations (seed 10000079), first answer given"
+                json.dump(summary, f, indent=1)
             log(f"saved best model to {out_dir}")
 
+    if args.init_from and step == 0:
+        do_eval()  # the starting point: a fine-tune only replaces it when it scores higher
     model.train()
     t_start = time.time()
     t_log = time.time()
@@ -246,11 +292,14 @@ def main(argv=None):
         t0 = time.time()
         rng = random.Random(args.seed * 1_000_003 + step)
         layout_weights = SINGLE_TILE_FIRST if step < args.curriculum * args.steps else None
-        qs = [data.make_question(rng, rng.choices(qtypes, weights=weights)[0],
-                                 tiles=rng.choices(data.TILE_LAYOUTS, weights=layout_weights)[0])
-              for _ in range(args.batch_size)]
-        enc = make_batch(processor, qs, with_answers=True)
-        labels_c, labels_s = zip(*(data.patch_labels(q) for q in qs))
+        items = []
+        while len(items) < args.batch_size:
+            question = data.make_question(rng, rng.choices(qtypes, weights=weights)[0],
+                                          tiles=rng.choices(data.TILE_LAYOUTS, weights=layout_weights)[0])
+            first = data.first_question(rng, question) if args.conversations and rng.random() < args.conversations else None
+            items.append(question if first is None else data.Conversation(first=first, second=question))
+        enc = make_batch(processor, items, with_answers=True)
+        labels_c, labels_s = zip(*(data.patch_labels(target(item)) for item in items))
         lc = torch.from_numpy(np.stack(labels_c))
         ls = torch.from_numpy(np.stack(labels_s))
         t1 = time.time()
