@@ -93,6 +93,7 @@ def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: 
     """
     from . import answer_matches
 
+    was_training = model.training
     model.eval()
     per = {}
     for i in range(0, len(questions), batch_size):
@@ -112,7 +113,7 @@ def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: 
             per.setdefault(q.qtype, []).append(answer_matches(g, target(q).answer))
     res = {k: sum(v) / len(v) for k, v in sorted(per.items())}
     res["overall"] = sum(sum(v) for v in per.values()) / sum(len(v) for v in per.values())
-    model.train()
+    model.train(was_training)
     return res
 
 
