@@ -1,14 +1,15 @@
-"""Train the fidelity testbed on CPU, from scratch or on from a checkpoint.
+"""Train the fidelity testbed on CPU, from scratch or from a checkpoint (fine-tuning).
 
     PYTHONPATH=src python -m trimllama.testbed.train --out src/trimllama/testbed/checkpoint \
         [--steps N] [--resume] [--work-dir /tmp/trimllama_testbed_train]
 
-Fine-tuning the shipped checkpoint on a mix of single questions and two-turn conversations (the
-second answer is trained, the first is given in the prompt as the chat template writes it):
+The shipped checkpoint is that run fine-tuned on a mix of single questions and two-turn
+conversations (the second answer is trained, the first is given in the prompt as the chat
+template writes it):
 
     PYTHONPATH=src python -m trimllama.testbed.train --init-from src/trimllama/testbed/checkpoint \
-        --out /tmp/finetuned --conversations 0.35 --steps 1200 --lr 3e-4 --curriculum 0 \
-        --aux-start 0.1 --aux-end 0.1
+        --out src/trimllama/testbed/checkpoint --seed 1 --conversations 0.35 --steps 1800 --lr 3e-4 \
+        --curriculum 0 --aux-start 0.1 --aux-end 0.1 --eval-every 300
 
 The training state (model + optimizer + step) is saved every ``--save-every`` steps to
 ``WORK_DIR/train_state.pt`` (never inside the shipped checkpoint dir) and the log goes to
@@ -294,7 +295,7 @@ def main(argv=None):
         rng = random.Random(args.seed * 1_000_003 + step)
         layout_weights = SINGLE_TILE_FIRST if step < args.curriculum * args.steps else None
         items = []
-        while len(items) < args.batch_size:
+        for _ in range(args.batch_size):
             question = data.make_question(rng, rng.choices(qtypes, weights=weights)[0],
                                           tiles=rng.choices(data.TILE_LAYOUTS, weights=layout_weights)[0])
             first = data.first_question(rng, question) if args.conversations and rng.random() < args.conversations else None
