@@ -51,6 +51,7 @@ from ..errors import InvalidSettingError, MissingImageError, ShapeMismatchError,
 from ..methods.base import ImageTokens, SelectionMethod, scores_last_turn
 from ..plan import TrimPlan
 from ..selection import SCORING_BUFFER_BYTES, head_attention, last_turn_rows, visible_tokens
+from . import mllama_facts
 from .base import Adapter, TrimStats, check_scoring_buffer_bytes
 
 # The transformers releases whose Mllama the core tests run on (.ci/run); trim() refuses any other unless opted in.
@@ -172,13 +173,7 @@ class MllamaAdapter(Adapter):
         self.turn_opener = None if turn_opener is None else torch.tensor(turn_opener, dtype=torch.long)
         self.core: MllamaModel = model.model if isinstance(model, MllamaForConditionalGeneration) else model
         text_model = self.core.language_model
-        cross_layers = sorted(int(index) for index in text_model.cross_attention_layers)
-        if len(cross_layers) < 2:
-            raise UnsupportedModelError(
-                f"trimming needs at least 2 cross-attention layers (one scores, the others are trimmed); "
-                f"this model has {len(cross_layers)}"
-            )
-        self.scoring_index, self.trimmed_indices = cross_layers[0], cross_layers[1:]
+        self.scoring_index, self.trimmed_indices = mllama_facts.scoring_and_trimmed_layers(text_model.config)
         self.scoring_layer = text_model.layers[self.scoring_index]
         attention = getattr(self.scoring_layer, "cross_attn", None)
         if not isinstance(attention, MllamaTextCrossAttention):
@@ -293,11 +288,7 @@ class MllamaAdapter(Adapter):
             return
         tokens = self._image_tokens(prefill)
         keep = self.method.select(tokens)
-        if keep.dtype != torch.bool or keep.shape != tokens.valid.shape:
-            raise ShapeMismatchError(
-                f"{type(self.method).__name__}.select returned {keep.dtype} {tuple(keep.shape)}, "
-                f"expected a bool mask of shape {tuple(tokens.valid.shape)}"
-            )
+        mllama_facts.check_keep_mask(self.method, keep, tokens.valid)
         extra = self.method.extra_tokens(tokens, keep)
         valid = tokens.num_valid.tolist()
         states, mask, row_visible = prefill.states, prefill.mask, prefill.row_visible
@@ -421,12 +412,12 @@ class MllamaAdapter(Adapter):
     @classmethod
     def tokens_per_tile(cls, model: nn.Module) -> int:
         """Image tokens per tile: (image_size / patch_size)^2 patches plus the class token (1601 for the 11B)."""
-        return int(cls._core(model).vision_model.num_patches)
+        return mllama_facts.tokens_per_tile(cls._core(model).config.vision_config)
 
     @classmethod
     def cross_attention_layers(cls, model: nn.Module) -> list[int]:
         """Decoder-layer indices of the cross-attention layers, in order."""
-        return sorted(int(index) for index in cls._core(model).language_model.cross_attention_layers)
+        return mllama_facts.cross_attention_layers(cls._core(model).config.text_config)
 
     @classmethod
     def cache_bytes_per_token(cls, model: nn.Module) -> int:
