@@ -1,14 +1,15 @@
-"""query_rows="last_turn": the turn marker from the chat template, the row mask, and trimming under the oracle."""
+"""query_rows="last_turn" and "image_turn": the turn markers from the chat template, the row masks, and trimming
+under the oracle."""
 
 import pytest
 import torch
 
 import trimllama
 from trimllama.errors import InvalidSettingError
-from trimllama.selection import last_turn_rows
+from trimllama.selection import image_turn_rows, last_turn_rows
 from trimllama.testbed import make_questions
 from trimllama.testbed.build import make_tokenizer
-from trimllama.turns import user_turn_opener
+from trimllama.turns import assistant_turn_opener, user_turn_opener
 
 from multitoken import multitoken_testbed
 from oracle import generated_step_logits, keep_mask_from_indices, masked_layers, teacher_forced_logits
@@ -71,6 +72,63 @@ def test_last_turn_rows_start_at_the_last_marker():
         [0, 0, 0, 0, 0, 1, 1, 1, 1],
         [0, 0, 0, 0, 1, 1, 1, 1, 1],
         [0, 0, 0, 0, 0, 0, 0, 0, 0],  # no marker: no row
+    ]
+
+
+def test_the_assistant_turn_marker_comes_from_the_chat_template(testbed):
+    _, processor = testbed
+    tokenizer = processor.tokenizer
+    assert tokenizer.convert_ids_to_tokens(list(assistant_turn_opener(processor))) == ["answer", ":"]
+    llama3 = assistant_turn_opener(_WithTemplate(tokenizer, LLAMA3_STYLE))
+    assert tokenizer.convert_ids_to_tokens(list(llama3)) == ["<|start_header_id|>", "assistant", "<|end_header_id|>"]
+    with pytest.raises(InvalidSettingError, match="query_rows=image_turn needs a tokenizer with a chat template") as error:
+        assistant_turn_opener(make_tokenizer())
+    assert error.value.setting == "query_rows"
+    no_marker = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    with pytest.raises(InvalidSettingError, match="no marker that opens an assistant message"):
+        assistant_turn_opener(_WithTemplate(tokenizer, no_marker))
+
+
+# hand-built ids for image_turn_rows: 3 = <|image|>, (7, 8) = the assistant opener, 5 = a user opener, 2 = padding
+IMAGE, OPENER = 3, torch.tensor([7, 8])
+
+
+def _image_turn(*sequences: list[int]) -> list[list[int]]:
+    """image_turn_rows of left-padded `sequences`, as lists of 0/1."""
+    length = max(len(ids) for ids in sequences)
+    ids = torch.tensor([[2] * (length - len(row)) + row for row in sequences])
+    return image_turn_rows(ids, IMAGE, OPENER).long().tolist()
+
+
+def test_image_turn_rows_are_the_message_that_holds_the_image():
+    single = [5, 3, 10, 11, 1, 7, 8, 12]  # the generation prompt (7 8 12) does not score
+    three_turns = [5, 3, 10, 1, 7, 8, 20, 1, 5, 11, 1, 7, 8, 21, 1, 5, 12, 1, 7, 8]
+    assert _image_turn(single) == [[0, 1, 1, 1, 1, 0, 0, 0]]
+    assert _image_turn(three_turns) == [[0, 1, 1, 1] + [0] * 16]
+    # later turns never change the rows of the earlier ones
+    assert _image_turn(three_turns[:6])[0] == _image_turn(three_turns)[0][:6]
+
+
+def test_image_turn_rows_with_two_images_in_two_turns():
+    ids = [5, 3, 10, 1, 7, 8, 20, 1, 5, 3, 11, 1, 7, 8]
+    assert _image_turn(ids) == [[0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0]]
+    assert _image_turn([5, 3, 3, 10, 7, 8]) == [[0, 1, 1, 1, 0, 0]]  # two images in one message
+
+
+def test_image_turn_rows_without_an_opener_after_the_image():
+    assert _image_turn([0, 3, 10, 11]) == [[0, 1, 1, 1]]  # raw text: every row from the image on
+    assert _image_turn([7, 8, 3, 10]) == [[0, 0, 1, 1]]  # an opener before the image ends nothing
+    assert _image_turn([5, 3, 7, 10, 8, 7, 8]) == [[0, 1, 1, 1, 1, 0, 0]]  # only the whole marker ends a message
+    no_marker = image_turn_rows(torch.tensor([[5, 3, 10, 7, 8]]), IMAGE, torch.zeros(0, dtype=torch.long))
+    assert no_marker.long().tolist() == [[0, 1, 1, 1, 1]]
+    assert _image_turn([5, 10, 7, 8]) == [[0, 0, 0, 0]]  # no image: no row
+
+
+def test_image_turn_rows_with_left_padding():
+    assert _image_turn([5, 3, 10, 7, 8], [5, 3, 10, 1, 7, 8, 20, 1, 5, 3, 11, 7, 8], [3, 7, 8]) == [
+        [0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 0, 0],
+        [0] * 10 + [1, 0, 0],
     ]
 
 

@@ -313,6 +313,23 @@ def mass_threshold(head_scores: torch.Tensor, mass: float, valid: torch.Tensor) 
     return keep.any(dim=1) & valid
 
 
+def _opener_starts(input_ids: torch.Tensor, opener: torch.Tensor) -> torch.Tensor:
+    """(batch, text_len) bool: True where an occurrence of `opener` (marker_len,) starts in `input_ids`."""
+    batch, text_len = input_ids.shape
+    length = opener.numel()
+    starts = torch.zeros(batch, text_len, dtype=torch.bool, device=input_ids.device)
+    if 0 < length <= text_len:
+        windows = input_ids.unfold(1, length, 1)  # (batch, text_len - length + 1, length)
+        starts[:, : windows.shape[1]] = (windows == opener.to(input_ids.device)).all(dim=-1)
+    return starts
+
+
+def _latest(flags: torch.Tensor) -> torch.Tensor:
+    """(batch, text_len) long: the position of the latest True at or before each position, -1 before the first."""
+    position = torch.arange(flags.shape[1], device=flags.device).expand_as(flags)
+    return torch.where(flags, position, -1).cummax(dim=1).values
+
+
 def last_turn_rows(input_ids: torch.Tensor, opener: torch.Tensor) -> torch.Tensor:
     """The rows of each sample's last turn: from the last occurrence of `opener` to the end of the prompt.
 
@@ -324,14 +341,28 @@ def last_turn_rows(input_ids: torch.Tensor, opener: torch.Tensor) -> torch.Tenso
     Returns:
         (batch, text_len) bool; all False for a sample in which `opener` never occurs.
     """
-    batch, text_len = input_ids.shape
-    length = opener.numel()
-    if length == 0 or length > text_len:
-        return torch.zeros(batch, text_len, dtype=torch.bool, device=input_ids.device)
-    windows = input_ids.unfold(1, length, 1)  # (batch, text_len - length + 1, length)
-    starts = (windows == opener.to(input_ids.device)).all(dim=-1)  # (batch, text_len - length + 1)
-    position = torch.arange(starts.shape[1], device=input_ids.device)
-    last = torch.where(starts, position, -1).amax(dim=1)  # (batch,), -1 where the opener is missing
-    rows = torch.arange(text_len, device=input_ids.device)[None, :] >= last[:, None]
-    return rows & (last >= 0)[:, None]
+    last = _latest(_opener_starts(input_ids, opener))[:, -1:]  # (batch, 1), -1 where the opener is missing
+    rows = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] >= last
+    return rows & (last >= 0)
 
+
+def image_turn_rows(input_ids: torch.Tensor, image_token_id: int, assistant_opener: torch.Tensor) -> torch.Tensor:
+    """The rows of the user message that holds each row's latest image token: they score under `query_rows="image_turn"`.
+
+    A row takes part iff some image token lies at or before it and no assistant-turn opener starts after that
+    (latest) image token and at or before the row. Rows before the first image token never take part; the
+    generation prompt and later turns do not; a prompt with no opener after its image (raw text) takes part from
+    its first image token on. Later turns appended to a conversation never change the rows of earlier ones.
+
+    Args:
+        input_ids: (batch, text_len) long token ids (left padding is fine: it holds no image token).
+        image_token_id: the id of the `<|image|>` token.
+        assistant_opener: (marker_len,) long, the token ids that open an assistant message (e.g. Llama 3's
+            `<|start_header_id|> assistant <|end_header_id|>`, from `turns.assistant_turn_opener`); empty: none.
+
+    Returns:
+        (batch, text_len) bool, before intersecting with the rows that see an image.
+    """
+    latest_image = _latest(input_ids == image_token_id)
+    latest_opener = _latest(_opener_starts(input_ids, assistant_opener))
+    return (latest_image >= 0) & (latest_opener < latest_image)

@@ -1,9 +1,15 @@
-"""Where the last user message starts: the turn marker of a chat template, as token ids.
+"""Where turns start: the turn markers of a chat template, as token ids.
 
-`user_turn_opener(tokenizer)` renders a short probe conversation with the tokenizer's (or processor's) own chat
-template and reads off the text that opens a user message after an assistant reply: for Llama 3
-`<|start_header_id|>user<|end_header_id|>`, for the shipped testbed `<|begin_of_text|>question :`. Scoring methods
-with `query_rows="last_turn"` score only the rows from its last occurrence on (`selection.last_turn_rows`).
+Both markers are read off the tokenizer's (or processor's) own chat template by rendering a short probe
+conversation:
+
+- `user_turn_opener`: the text that opens a user message after an assistant reply: for Llama 3
+  `<|start_header_id|>user<|end_header_id|>`, for the shipped testbed `<|begin_of_text|>question :`. Scoring methods
+  with `query_rows="last_turn"` score only the rows from its last occurrence on (`selection.last_turn_rows`).
+- `assistant_turn_opener`: the text that opens an assistant message after a user message: for Llama 3
+  `<|start_header_id|>assistant<|end_header_id|>`, for the testbed `answer :`. Scoring methods with
+  `query_rows="image_turn"` score only the rows of the user message that holds the image, which end where it
+  occurs (`selection.image_turn_rows`).
 """
 
 from __future__ import annotations
@@ -19,41 +25,59 @@ def user_turn_opener(tokenizer) -> tuple[int, ...]:
     Raises:
         InvalidSettingError (setting `query_rows`): no chat template, or one without a recognisable user-turn marker.
     """
-    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
-    template = getattr(tokenizer, "chat_template", None) or getattr(text_tokenizer, "chat_template", None)
-    if not template:
-        raise InvalidSettingError(
-            "query_rows=last_turn needs a tokenizer with a chat template, to find where the last user message starts",
-            setting="query_rows",
-        )
     first, reply, second = _PROBES
     conversation = [
         {"role": "user", "content": first},
         {"role": "assistant", "content": reply},
         {"role": "user", "content": second},
     ]
-    full = _render(text_tokenizer, template, conversation)
-    one_reply = _render(text_tokenizer, template, conversation[:2])
-    end_of_reply = one_reply[one_reply.find(reply) + len(reply) :]  # what closes an assistant message
-    between = full[full.find(reply) + len(reply) : full.find(second)]
-    opener = between[len(end_of_reply) :].strip() if between.startswith(end_of_reply) else ""
+    return _opener(tokenizer, conversation, "last_turn", "a user message after an assistant reply")
+
+
+def assistant_turn_opener(tokenizer) -> tuple[int, ...]:
+    """Token ids that open an assistant message in `tokenizer`'s chat template (a tokenizer or a processor).
+
+    Raises:
+        InvalidSettingError (setting `query_rows`): no chat template, or one without a recognisable
+        assistant-turn marker.
+    """
+    first, reply, _ = _PROBES
+    conversation = [{"role": "user", "content": first}, {"role": "assistant", "content": reply}]
+    return _opener(tokenizer, conversation, "image_turn", "an assistant message after a user message")
+
+
+def _opener(tokenizer, conversation: list[dict], rule: str, opens: str) -> tuple[int, ...]:
+    """The token ids of what opens the last message of `conversation` (whose earlier message is closed by what the
+    template writes after it when it ends the conversation), for the `query_rows` value `rule`."""
+    text_tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    template = getattr(tokenizer, "chat_template", None) or getattr(text_tokenizer, "chat_template", None)
+    if not template:
+        raise InvalidSettingError(
+            f"query_rows={rule} needs a tokenizer with a chat template, to find where a message starts",
+            setting="query_rows",
+        )
+    earlier, last = conversation[-2]["content"], conversation[-1]["content"]
+    full = _render(text_tokenizer, template, conversation, rule)
+    ends_with_earlier = _render(text_tokenizer, template, conversation[:-1], rule)
+    closing = ends_with_earlier[ends_with_earlier.find(earlier) + len(earlier) :]  # what closes the earlier message
+    between = full[full.find(earlier) + len(earlier) : full.find(last)]
+    opener = between[len(closing) :].strip() if between.startswith(closing) else ""
     ids = tuple(text_tokenizer.encode(opener, add_special_tokens=False)) if opener else ()
     if not ids:
         raise InvalidSettingError(
-            "query_rows=last_turn: the chat template has no marker that opens a user message after an assistant "
-            "reply, so the last turn cannot be found",
+            f"query_rows={rule}: the chat template has no marker that opens {opens}, so the turns cannot be found",
             setting="query_rows",
         )
     return ids
 
 
-def _render(tokenizer, template: str, conversation: list[dict]) -> str:
+def _render(tokenizer, template: str, conversation: list[dict], rule: str) -> str:
     from jinja2 import TemplateError
 
     try:
         return tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
     except (TemplateError, ValueError, TypeError) as error:  # a template that refuses plain-text turns
         raise InvalidSettingError(
-            f"query_rows=last_turn: the chat template cannot render a two-turn conversation ({error})",
+            f"query_rows={rule}: the chat template cannot render a plain-text conversation ({error})",
             setting="query_rows",
         ) from error
