@@ -160,18 +160,21 @@ def select_sample(batch: dict, index: int) -> dict:
 
 
 SGLANG_INTERMEDIATE_LAYERS = [1]  # vision features at layer 1 (SGLang: its input; Hugging Face: its output)
+SGLANG_PATCH_SIZE = 14  # 112-px tiles of 14-px patches: 65 tokens per tile, 260 per 4-tile image
 
 
 def save_sglang_checkpoint(out_dir: str | Path) -> Path:
     """Save a tiny random Mllama checkpoint that SGLang serves on CPU: config, weights, tokenizer, processor.
 
     The testbed's tokenizer (a real `tokenizers` WordLevel tokenizer with Llama's special tokens), processor and
-    chat template (112-px tiles, 197 tokens per tile, up to 4 tiles); a random model with open cross-attention gates
+    chat template (112-px tiles of 14-px patches, 65 tokens per tile, up to 4 tiles); 5 decoder layers, cross-attention
+    at 1 and 3; a random model with open cross-attention gates
     and wide weights, so that greedy answers depend on the image and on what trimming keeps.
     """
     from .testbed.build import make_config, make_processor, new_model, save_all
 
     config = make_config(vision_hidden=32, vision_layers=3, text_hidden=64, text_layers=5, cross_attention_layers=(1, 3))
+    config.vision_config.patch_size = SGLANG_PATCH_SIZE
     config.vision_config.intermediate_layers_indices = SGLANG_INTERMEDIATE_LAYERS
     config.text_config.max_position_embeddings = 4096  # SGLang's context length counts the image slots
     config.text_config.initializer_range = config.vision_config.initializer_range = 0.3

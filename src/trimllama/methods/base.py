@@ -131,7 +131,7 @@ def check_count_or_fraction(name: str, value: int | float, allow_zero: bool = Fa
         raise InvalidSettingError(f"{name}={value} is out of range: a token count must be >= {low}")
 
 
-QUERY_ROWS = ("all", "last_turn")  # which text rows score: every row that sees an image, or the last user message's
+QUERY_ROWS = ("all", "last_turn", "image_turn")  # which text rows score
 
 
 def check_query_rows(query_rows: str) -> None:

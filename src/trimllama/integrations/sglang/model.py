@@ -1,24 +1,29 @@
-"""SGLang's Mllama with trimming: each image reserves and keeps `min(budget, its real tokens)` KV slots.
+"""SGLang's Mllama with trimming and the image pool: the one module that imports SGLang's model internals.
 
 Loaded by SGLang as an external model package (`SGLANG_EXTERNAL_MODEL_PACKAGE=trimllama.integrations.sglang`):
-`EntryClass` keeps the name `MllamaForConditionalGeneration`, so SGLang serves it for Mllama checkpoints.
+`EntryClass` keeps the name `MllamaForConditionalGeneration`, so SGLang serves it for Mllama checkpoints. Written
+against SGLang `settings.SGLANG_VERSION`; `check_pool` fails loudly at the first forward pass when SGLang's pool is
+not the plain per-layer MHA pool this relies on.
 
-What changes against SGLang's own class (sglang/srt/models/mllama.py, 0.5.23):
+What changes against SGLang's own class (sglang/srt/models/mllama.py):
 
-- `pad_input_ids`: an image reserves `min(budget, real tiles x patches)` slots instead of `max_tiles x patches`, so
-  the pool, admission control and usage figures see the trimmed size. Its pad ids hash the image AND the prompt:
-  the radix cache reuses an image's trimmed K/V only for the same prompt, since the kept set depends on it.
-- `flat_encoder_result`: hands the first cross-attention layer every real-tile token of the images being encoded.
-- The first cross-attention layer's prefill scores those tokens with `trimllama.selection.head_attention` (the
-  scores of all heads gathered across tensor-parallel ranks, so every rank keeps the same tokens), runs the
-  method's `select` per image, attends with all tokens, and writes only the kept K/V to the pool. Every later
-  cross-attention layer projects only the kept features; decode reads the kept slots only. With SGLang's shared
-  cross-attention slots this equals the Hugging Face path with `trim(..., trim_scoring_layer=True)`.
+- `pad_input_ids`: a request's images reserve `layout.slots(tokens)` pool slots, tokens = `min(budget, real tokens)`
+  per image (`settings.image_tokens`); with the image pool (`layout.PoolLayout`, the default) an image token takes
+  only its cross-attention layers' rows of a slot. Its pad ids hash the images, the settings and the prompt ids
+  that decide the kept set (`layout.scoring_spans`: up to the end of the image's user message under
+  `query_rows="image_turn"`, the engine's default), so a conversation's later turns find the trimmed K/V and every
+  earlier turn in the radix cache, and a different first question does not.
+- The first cross-attention layer's prefill scores the real tokens of the images it encodes with
+  `trimllama.selection.head_attention` (the scores of all heads gathered across tensor-parallel ranks, so every
+  rank keeps the same tokens) over each image's scoring rows, runs the method's `select` per image, and writes only
+  the kept K/V to the pool. Rows of an image's scoring span attend to all of its tokens in that layer; every later
+  row (the generation prompt, later turns, decode steps) and every later layer attends to the kept tokens only, so a
+  prefill from scratch computes what a cached prefix plus its extension computes.
+- With the image pool, the cross-attention layers write and read their K/V through `PoolLayout.rows` and attend
+  with SDPA per request; with `layout="shared"` they use SGLang's attention backend as SGLang's own Mllama does.
 - `get_full_text_row_masked_out_mask`: rows counted per request's extend length (SGLang's own count mixes total
   sequence lengths and encoder lengths, and zeroes an image request's cross-attention when it shares a prefill
   batch with a text-only request that has a cached prefix).
-
-The method `none` keeps SGLang's slots and attention (only the row-mask count is fixed).
 """
 
 from __future__ import annotations
@@ -38,58 +43,85 @@ from sglang.srt.distributed.parallel_state import (
     get_tensor_model_parallel_world_size,
 )
 from sglang.srt.managers.schedule_batch import MM_PAD_SHIFT_VALUE, MultimodalInputs
+from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool
 from sglang.srt.model_executor.forward_batch_info import ForwardBatch
+from sglang.srt.model_executor.forward_context import get_req_to_token_pool, get_token_to_kv_pool
 from sglang.srt.models import mllama
 
-from ...errors import ShapeMismatchError
+from ...adapters import mllama_facts
+from ...errors import ShapeMismatchError, UnsupportedModelError
 from ...methods import ImageTokens, SelectionMethod
 from ...selection import head_attention
-from .settings import KEPT_DUMP_VARIABLE, EngineSettings, reserved_tokens
+from ...turns import assistant_turn_opener
+from .layout import PoolLayout, key_length, scoring_spans
+from .settings import KEPT_DUMP_VARIABLE, EngineSettings, image_tokens, scored_rows
 
 logger = logging.getLogger(__name__)
 _PAD_MASK = (1 << 62) - 1  # pad ids stay below 2**63 (int64 token ids), as SGLang's own
 
 
 @dataclass
-class EncodedRequest:
-    """One request whose images are encoded in this prefill.
+class Encoding:
+    """The images of one request that this prefill encodes.
 
     Attributes:
-        batch_index: its index in the forward batch (extend rows, encoder slots).
-        real_tiles: real tiles of each of its images (0 for an image slot it does not use).
-        features: (images, tiles * patches, hidden) projected image features, padding tiles included;
+        real_tiles: real tiles of each image.
+        spans: per image, the request's rows `[start, stop)` that score it (`layout.scoring_spans`).
+        features: (images, width, hidden) projected features, width = max_tiles x patches (padding tiles included);
             set by `flat_encoder_result` once the vision model has run.
+        kept: per image, its kept token indices (within its real tokens); set by the scoring layer.
+        kept_features: (tokens, hidden) what the request's image block stores; set by the scoring layer.
     """
 
-    batch_index: int
     real_tiles: list[int]
+    spans: list[tuple[int, int]]
     features: torch.Tensor | None = None
+    kept: list[torch.Tensor] = field(default_factory=list)
+    kept_features: torch.Tensor | None = None
+
+
+@dataclass
+class RequestImages:
+    """One request of the forward batch that has images, and where its image block lives in the pool.
+
+    Attributes:
+        rows: its rows in this forward pass (its extend rows, or its one decode row).
+        slots: (slots,) long, the pool slots of its image block (the first `encoder_len` of its tokens).
+        tokens: image tokens its block stores (all of its images, in order).
+        encoding: set when this forward pass encodes its images (its block is written here).
+    """
+
+    rows: slice
+    slots: torch.Tensor
+    tokens: int
+    encoding: Encoding | None = None
 
 
 @dataclass
 class EnginePlan:
-    """What one prefill forward pass encodes, shared by the cross-attention layers of that pass."""
+    """The requests with images of one forward pass, shared by its cross-attention layers."""
 
-    requests: list[EncodedRequest]
-    patches: int
-    kept_features: torch.Tensor | None = None  # (kept rows of all requests, hidden), set by the scoring layer
-    kept: list[list[torch.Tensor]] = field(default_factory=list)  # per request, per image: kept token indices
+    requests: list[RequestImages]
+
+    @property
+    def encoded(self) -> list[RequestImages]:
+        return [request for request in self.requests if request.encoding is not None]
 
 
-@dataclass
 class TrimState:
-    """The method and the current plan, shared by the model and its cross-attention layers (not an nn.Module)."""
+    """What the model and its cross-attention layers share (not an nn.Module): method, layout, the current plan."""
 
-    method: SelectionMethod
-    scoring_layer: int
-    plan: EnginePlan | None = None
+    def __init__(self, method: SelectionMethod | None, layout: PoolLayout, patches: int) -> None:
+        self.method = method
+        self.layout = layout
+        self.patches = patches
+        self.scoring_layer = layout.cross_layers[0]
+        self.plan: EnginePlan | None = None
+        self.pool_checked = False
 
 
 class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
-    """SGLang's cross-attention layer; in a prefill that encodes images it attends to the kept tokens only.
-
-    The scoring layer (the first cross-attention layer) also selects them; see the module docstring.
-    """
+    """SGLang's cross-attention layer attending to the kept image tokens, in the pool layout of `trim_state`."""
 
     trim_state: TrimState
 
@@ -100,192 +132,343 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
         cross_attention_states: torch.Tensor | None,
         forward_batch: ForwardBatch,
     ) -> torch.Tensor:
-        plan = self.trim_state.plan
-        if plan is None or cross_attention_states is None:
-            return super().forward(hidden_states, attention_mask, cross_attention_states, forward_batch)
-        if self.layer_id != self.trim_state.scoring_layer:
-            return super().forward(hidden_states, attention_mask, plan.kept_features, forward_batch)
-        return self._score_and_attend(hidden_states, cross_attention_states, forward_batch, plan)
-
-    def _project(self, hidden_states: torch.Tensor, cross_attention_states: torch.Tensor):
-        """(rows, heads, head_dim) queries; (tokens, kv_heads, head_dim) keys and values, as SGLang's layer."""
-        qkv_dec, _ = self.qkv_proj(hidden_states)
-        q = qkv_dec.split([self.q_local_size, self.kv_local_size, self.kv_local_size], dim=-1)[0]
-        q = self.q_norm(q.reshape(-1, self.head_dim)).reshape(-1, self.num_local_heads, self.head_dim)
-        qkv_enc, _ = self.qkv_proj(cross_attention_states)
-        _, k, v = qkv_enc.split([self.q_local_size, self.kv_local_size, self.kv_local_size], dim=-1)
-        k = self.k_norm(k.reshape(-1, self.head_dim)).reshape(-1, self.num_local_key_value_heads, self.head_dim)
-        v = v.reshape(-1, self.num_local_key_value_heads, self.head_dim)
-        return q, k, v
-
-    def _score_and_attend(
-        self,
-        hidden_states: torch.Tensor,
-        cross_attention_states: torch.Tensor,
-        forward_batch: ForwardBatch,
-        plan: EnginePlan,
-    ) -> torch.Tensor:
-        q, k, v = self._project(hidden_states, cross_attention_states)
-        starts = forward_batch.extend_start_loc.tolist()
-        lengths = forward_batch.extend_seq_lens_cpu
-        kept_rows, full_outputs, token_offset = [], [], 0
-        for request in plan.requests:
-            rows = slice(starts[request.batch_index], starts[request.batch_index] + lengths[request.batch_index])
-            real = [tiles * plan.patches for tiles in request.real_tiles]
-            tokens = slice(token_offset, token_offset + sum(real))
-            kept = self._select(q[rows], k[tokens], request, plan)
-            plan.kept.append(kept)
-            image_offsets = torch.tensor([0, *real[:-1]]).cumsum(0).tolist()
-            kept_rows += [index + token_offset + offset for index, offset in zip(kept, image_offsets)]
-            if sum(len(indices) for indices in kept) < tokens.stop - tokens.start:
-                full_outputs.append((rows, self._attend(q[rows], k[tokens], v[tokens])))
-            token_offset = tokens.stop
-        kept_index = torch.cat(kept_rows).to(k.device)
-        plan.kept_features = cross_attention_states.index_select(0, kept_index)
-        # the pool gets the kept K/V; the batch's other requests attend as in SGLang
-        output = self.attn(q, k.index_select(0, kept_index), v.index_select(0, kept_index), forward_batch)
-        output = output.view(-1, self.num_local_heads, self.head_dim).clone()
-        for rows, attended in full_outputs:  # where tokens were dropped, this layer's prefill attends to all
+        state = self.trim_state
+        if state.plan is None:  # shared layout without an image to encode: SGLang's own path reads the pool
+            return super().forward(hidden_states, attention_mask, None, forward_batch)
+        query = self._query(hidden_states)
+        encoded = state.plan.encoded
+        keys = values = None
+        full = []
+        if encoded and self.layer_id == state.scoring_layer:
+            keys, values, full = self._score(query, encoded)
+        elif encoded:
+            keys, values = self._project(torch.cat([request.encoding.kept_features for request in encoded]))
+        if state.layout.packed:
+            output = self._attend_packed(query, keys, values, state.plan, forward_batch)
+        else:
+            output = self.attn(query, keys, values, forward_batch).view_as(query).clone()
+        for rows, attended in full:  # rows of an image's scoring span attend to all of its tokens in this layer
             output[rows] = attended
         out, _ = self.o_proj(output.view(-1, self.num_local_heads * self.head_dim))
         return out
 
-    def _attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """(rows, heads, head_dim) attention of one request's rows over all of its image tokens."""
-        attended = F.scaled_dot_product_attention(
-            query.movedim(0, 1).unsqueeze(0),
-            key.movedim(0, 1).unsqueeze(0),
-            value.movedim(0, 1).unsqueeze(0),
-            scale=self.scaling,
-            enable_gqa=self.num_local_heads != self.num_local_key_value_heads,
-        )
-        return attended.squeeze(0).movedim(0, 1)
+    # -- projections ---------------------------------------------------------------------------------
 
-    def _select(self, query: torch.Tensor, key: torch.Tensor, request: EncodedRequest, plan: EnginePlan) -> list:
-        """Kept token indices (1-D long, within each image's real tokens), one tensor per image of `request`.
+    def _query(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(rows, heads, head_dim) queries after q_norm, as SGLang's layer computes them."""
+        qkv, _ = self.qkv_proj(hidden_states)
+        query = qkv.split([self.q_local_size, self.kv_local_size, self.kv_local_size], dim=-1)[0]
+        return self.q_norm(query.reshape(-1, self.head_dim)).reshape(-1, self.num_local_heads, self.head_dim)
 
-        The images of a request are scored together (one softmax over all their tokens, as the request's rows
-        attend) and selected per image, each image a row of the `ImageTokens` batch.
+    def _project(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, kv_heads, head_dim) keys (after k_norm) and values of image features (tokens, hidden)."""
+        qkv, _ = self.qkv_proj(features)
+        _, key, value = qkv.split([self.q_local_size, self.kv_local_size, self.kv_local_size], dim=-1)
+        key = self.k_norm(key.reshape(-1, self.head_dim)).reshape(-1, self.num_local_key_value_heads, self.head_dim)
+        return key, value.reshape(-1, self.num_local_key_value_heads, self.head_dim)
+
+    # -- the scoring layer ---------------------------------------------------------------------------
+
+    def _score(self, query: torch.Tensor, encoded: list[RequestImages]):
+        """Select the kept tokens of every encoded request; their K/V, and the full attention of scoring spans.
+
+        Returns:
+            keys, values: (kept tokens of all encoded requests, kv_heads, head_dim), in request order.
+            full: (rows, (rows, heads, head_dim)) attention over all of an image's tokens for the rows of a request
+                that see every token of some image (`_span_groups`).
         """
-        method = self.trim_state.method
-        images = len(request.real_tiles)
-        width = request.features.shape[1]  # tiles * patches of one image, padding tiles included
-        valid = torch.zeros(images, width, dtype=torch.bool, device=key.device)
-        for image, tiles in enumerate(request.real_tiles):
-            valid[image, : tiles * plan.patches] = True
+        state = self.trim_state
+        real = [
+            torch.cat([image[: tiles * state.patches] for image, tiles in zip(r.encoding.features, r.encoding.real_tiles)])
+            if state.method is not None
+            else r.encoding.features.flatten(0, 1)
+            for r in encoded
+        ]
+        keys, values = self._project(torch.cat(real))
+        kept_keys, kept_values, full, offset = [], [], [], 0
+        for request, features in zip(encoded, real):
+            key, value = keys[offset : offset + len(features)], values[offset : offset + len(features)]
+            offset += len(features)
+            encoding = request.encoding
+            if state.method is None:
+                encoding.kept = [torch.arange(len(features))]
+                index = encoding.kept[0]
+            else:
+                encoding.kept = self._select(query[request.rows], key, encoding)
+                lengths = [tiles * state.patches for tiles in encoding.real_tiles]
+                starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+                index = torch.cat([kept + start for kept, start in zip(encoding.kept, starts)])
+                full += self._span_groups(query, key, value, request, lengths, index)
+            index = index.to(key.device)
+            encoding.kept_features = features.index_select(0, index)
+            kept_keys.append(key.index_select(0, index))
+            kept_values.append(value.index_select(0, index))
+        return torch.cat(kept_keys), torch.cat(kept_values), full
 
-        def scores(rows: torch.Tensor, reduce: str) -> torch.Tensor:
-            # (1, local heads, real tokens) -> every rank's heads -> (images, heads, width), zero on padding
-            local = head_attention(
-                query.movedim(0, 1).unsqueeze(0),
-                key.movedim(0, 1).unsqueeze(0),
-                key.new_zeros((1, 1, query.shape[0], key.shape[0])),
-                rows.unsqueeze(0),
-                self.scaling,
-                reduce,
-            )
-            if get_tensor_model_parallel_world_size() > 1:
-                local = tensor_model_parallel_all_gather(local.contiguous(), dim=1)
-            per_image = local.new_zeros((images, local.shape[1], width))
-            per_image.transpose(0, 1)[:, valid] = local[0]
+    def _span_groups(self, query, key, value, request: RequestImages, lengths: list[int], kept: torch.Tensor) -> list:
+        """Attention of the rows that see all tokens of some image: a row before the end of an image's span sees all
+        of that image's tokens, and the kept tokens of the images whose span it is past.
+
+        key, value: (real tokens of the request's images, kv_heads, head_dim); kept: (kept,) indices into them.
+        """
+        stops = [stop for _, stop in request.encoding.spans]
+        groups, first = [], 0
+        for stop in sorted(set(stops)):
+            if stop > first:
+                starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+                columns = torch.cat([
+                    torch.arange(start, start + length, device=key.device)
+                    if image_stop >= stop
+                    else kept[(kept >= start) & (kept < start + length)]
+                    for start, length, image_stop in zip(starts, lengths, stops)
+                ])
+                rows = slice(request.rows.start + first, request.rows.start + stop)
+                groups.append((rows, attend(query[rows], key[columns], value[columns], self.scaling)))
+            first = max(first, stop)
+        return groups
+
+    def _select(self, query: torch.Tensor, key: torch.Tensor, encoding: Encoding) -> list[torch.Tensor]:
+        """Kept token indices (1-D long, within each image's real tokens), one tensor per image of a request.
+
+        Each image is scored by the rows of its span (a softmax over the tokens of all of the request's images, as
+        its rows attend) and selected as one row of the `ImageTokens` batch.
+        """
+        state = self.trim_state
+        images, width = len(encoding.real_tiles), encoding.features.shape[1]
+        valid = torch.zeros(images, width, dtype=torch.bool, device=key.device)
+        for image, tiles in enumerate(encoding.real_tiles):
+            valid[image, : tiles * state.patches] = True
+        lengths = [tiles * state.patches for tiles in encoding.real_tiles]
+        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+
+        def scores(reduce: str, last_row_only: bool = False) -> torch.Tensor:
+            # per image: (1, local heads, real tokens of all images) -> every rank's heads -> its own columns
+            per_image = key.new_zeros((images, self.num_heads, width), dtype=torch.float32)
+            for image, ((first, stop), start, length) in enumerate(zip(encoding.spans, starts, lengths)):
+                rows = torch.zeros(query.shape[0], dtype=torch.bool, device=key.device)
+                rows[stop - 1 if last_row_only else first : stop] = True
+                local = head_attention(
+                    query.movedim(0, 1).unsqueeze(0),
+                    key.movedim(0, 1).unsqueeze(0),
+                    key.new_zeros((1, 1, query.shape[0], key.shape[0])),
+                    rows.unsqueeze(0),
+                    self.scaling,
+                    reduce,
+                )
+                if get_tensor_model_parallel_world_size() > 1:
+                    local = tensor_model_parallel_all_gather(local.contiguous(), dim=1)
+                per_image[image, :, :length] = local[0, :, start : start + length]
             return per_image
 
-        every_row = torch.ones(query.shape[0], dtype=torch.bool, device=key.device)
-        last_row = torch.zeros_like(every_row)
-        last_row[-1] = True
         tokens = ImageTokens(
-            features=request.features,
+            features=encoding.features,
             valid=valid,
-            layout=(1, width // plan.patches, plan.patches),
-            attention=lambda reduce, query_rows: scores(every_row, reduce),  # query_rows: settings refuse last_turn
-            last_row_attention=lambda: scores(last_row, "sum"),
+            layout=(1, width // state.patches, state.patches),
+            attention=lambda reduce, query_rows: scores(reduce),  # the spans follow the method's query_rows
+            last_row_attention=lambda: scores("sum", last_row_only=True),
         )
-        keep = method.select(tokens)
-        if keep.dtype != torch.bool or keep.shape != valid.shape:
-            raise ShapeMismatchError(
-                f"{type(method).__name__}.select returned {keep.dtype} {tuple(keep.shape)}, expected a bool mask "
-                f"of shape {tuple(valid.shape)}"
-            )
+        keep = state.method.select(tokens)
+        mllama_facts.check_keep_mask(state.method, keep, valid)
         kept = []
-        for image, tiles in enumerate(request.real_tiles):
+        for image, length in enumerate(lengths):
             indices = keep[image].nonzero().flatten().cpu()
-            expected = reserved_tokens(method, tiles * plan.patches)
-            if len(indices) != expected or (indices >= tiles * plan.patches).any():
+            expected = image_tokens(state.method, length, width)
+            if len(indices) != expected or (indices >= length).any():
                 raise ShapeMismatchError(
-                    f"{method.label()} kept {len(indices)} tokens of an image with {tiles * plan.patches} real "
-                    f"tokens; the engine reserved {expected} slots for it"
+                    f"{state.method.label()} kept {len(indices)} tokens of an image with {length} real tokens; "
+                    f"the engine reserved room for {expected}"
                 )
             kept.append(indices)
         return kept
 
+    # -- the image pool ------------------------------------------------------------------------------
+
+    def _attend_packed(self, query, keys, values, plan: EnginePlan, forward_batch: ForwardBatch) -> torch.Tensor:
+        """Write the encoded requests' kept K/V into their image blocks, read the others' from the pool, and attend
+        every request's rows to its block's tokens. Rows of requests without an image get 0 (masked out anyway)."""
+        state = self.trim_state
+        pool = get_token_to_kv_pool()
+        cross_index = state.layout.cross_layers.index(self.layer_id)
+        output = query.new_zeros(query.shape)
+        offset = 0
+        for request in plan.requests:
+            slot, layer = state.layout.rows(request.tokens, cross_index)
+            slot = request.slots[slot.to(request.slots.device)]
+            if request.encoding is not None:
+                key, value = keys[offset : offset + request.tokens], values[offset : offset + request.tokens]
+                offset += request.tokens
+                for pool_layer in layer.unique().tolist():
+                    chosen = (layer == pool_layer).to(key.device)
+                    pool.set_kv_buffer(self.attn, slot[chosen], key[chosen], value[chosen], layer_id_override=pool_layer)
+            else:
+                key = query.new_empty((request.tokens, self.num_local_key_value_heads, self.head_dim))
+                value = torch.empty_like(key)
+                for pool_layer in layer.unique().tolist():
+                    chosen = (layer == pool_layer).to(key.device)
+                    key[chosen] = pool.get_key_buffer(pool_layer)[slot[chosen]].to(key.dtype)
+                    value[chosen] = pool.get_value_buffer(pool_layer)[slot[chosen]].to(value.dtype)
+            output[request.rows] = attend(query[request.rows], key, value, self.scaling)
+        return output
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+    """(rows, heads, head_dim) attention of one request's rows (rows, heads, head_dim) over image tokens
+    (tokens, kv_heads, head_dim), as SGLang's torch_native backend computes it (GQA inside SDPA)."""
+    attended = F.scaled_dot_product_attention(
+        query.movedim(0, 1).unsqueeze(0),
+        key.movedim(0, 1).unsqueeze(0).to(query.dtype),
+        value.movedim(0, 1).unsqueeze(0).to(query.dtype),
+        scale=scaling,
+        enable_gqa=query.shape[1] != key.shape[1],
+    )
+    return attended.squeeze(0).movedim(0, 1)
+
+
+def check_pool(pool, layout: PoolLayout) -> None:
+    """The image pool writes into every layer's rows of an image's slots: refuse a pool that is not SGLang's plain
+    per-layer MHA pool over every decoder layer (a layout this override was not written for)."""
+    problems = []
+    if type(pool) is not MHATokenToKVPool:
+        problems.append(f"its KV pool is {type(pool).__name__}, not MHATokenToKVPool")
+    elif pool.is_quantized_kv_cache:
+        problems.append("its KV cache is quantized")
+    elif (pool.start_layer, pool.layer_num) != (0, layout.layers):
+        problems.append(f"its pool holds layers {pool.start_layer}..{pool.start_layer + pool.layer_num - 1} of {layout.layers}")
+    if problems:
+        raise UnsupportedModelError(
+            f"trimllama's image pool needs SGLang's plain KV pool over all {layout.layers} decoder layers, but "
+            f"{'; '.join(problems)}: run `trimllama sglang --shared-pool` (SGLang's own layout)"
+        )
+
 
 class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
-    """SGLang's Mllama with trimllama's selection; the method comes from `EngineSettings.from_environment()`."""
+    """SGLang's Mllama with trimllama's selection and pool layout (`EngineSettings.from_environment()`)."""
 
     def __init__(self, config, quant_config=None, prefix: str = "") -> None:
         super().__init__(config, quant_config=quant_config, prefix=prefix)
         self.settings = EngineSettings.from_environment()
-        self.method = self.settings.build()
-        self.num_patches = self.vision_model.num_patches
-        self.trim_state: TrimState | None = None
-        if self.method is not None:
-            cross_layers = sorted(int(index) for index in config.text_config.cross_attention_layers)
-            self.trim_state = TrimState(method=self.method, scoring_layer=cross_layers[0])
-            for index in cross_layers:
-                attention = self.language_model.model.layers[index].cross_attn
-                attention.__class__ = TrimmedCrossAttention  # this instance's layers only
-                attention.trim_state = self.trim_state
-        logger.info("trimllama: serving Mllama with %s", self.method.label() if self.method else "method none")
+        method = self.settings.build()
+        cross_layers = mllama_facts.cross_attention_layers(config.text_config)
+        mllama_facts.scoring_and_trimmed_layers(config.text_config)
+        layout = PoolLayout(
+            layers=int(config.text_config.num_hidden_layers),
+            cross_layers=tuple(cross_layers),
+            packed=self.settings.layout == "image_pool",
+        )
+        self.trim_state = TrimState(method, layout, mllama_facts.tokens_per_tile(config.vision_config))
+        self.image_token_id = int(config.image_token_index)
+        self.turn_opener = self._assistant_opener(method)
+        self.kept_dump = os.environ.get(KEPT_DUMP_VARIABLE) or None  # decided once: a test's record of kept indices
+        for index in cross_layers:
+            attention = self.language_model.model.layers[index].cross_attn
+            attention.__class__ = TrimmedCrossAttention  # this instance's layers only
+            attention.trim_state = self.trim_state
+        logger.info("trimllama: %s", self.describe())
 
-    def real_tiles(self, mm_inputs: MultimodalInputs) -> list[int]:
-        """Real tiles of each image of a request, from its aspect-ratio mask (1, images, max_tiles)."""
-        mask = mm_inputs.mm_items[0].model_specific_data["aspect_ratio_mask"]
-        return [int(tiles) for tiles in mask[0].sum(dim=-1).tolist()]
+    def describe(self) -> str:
+        """One line: the method, the layout and what an image token costs (the start-up log)."""
+        state = self.trim_state
+        layout = state.layout
+        method = state.method.label() if state.method is not None else "none (every image token kept)"
+        largest = state.patches * self.max_num_tiles
+        cost = (
+            f"image pool: an image token takes {len(layout.cross_layers)} of a slot's {layout.layers} layer rows"
+            if layout.packed
+            else "shared pool: an image token takes a whole slot"
+        )
+        note = ""
+        if state.method is not None and state.method.budget >= largest:
+            note = f"; budget {state.method.budget} >= every image's {largest} tokens: nothing is trimmed"
+        return f"serving Mllama with {method}, scoring rows {scored_rows(state.method)}; {cost}{note}"
+
+    @staticmethod
+    def _assistant_opener(method: SelectionMethod | None) -> torch.Tensor:
+        """The chat template's assistant-turn marker, when the method scores `image_turn` rows (else empty)."""
+        if method is None or scored_rows(method) != "image_turn":
+            return torch.zeros(0, dtype=torch.long)
+        from sglang.srt.runtime_context import get_server_args
+        from transformers import AutoTokenizer
+
+        args = get_server_args()
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_path or args.model_path)
+        return torch.tensor(assistant_turn_opener(tokenizer), dtype=torch.long)
+
+    # -- the scheduler side: slots and pad ids -------------------------------------------------------
+
+    def image_block(self, mm_inputs: MultimodalInputs) -> tuple[list[int], int]:
+        """(real tiles of each image, image tokens of the request's block) from its aspect-ratio mask."""
+        mask = mm_inputs.mm_items[0].model_specific_data["aspect_ratio_mask"]  # (1, images, max_tiles)
+        patches = self.trim_state.patches
+        tiles = mllama_facts.real_tiles(mask[0]).tolist()
+        tokens = sum(image_tokens(self.trim_state.method, real * patches, mask.shape[-1] * patches) for real in tiles)
+        return tiles, tokens
 
     def pad_input_ids(self, input_ids: array, mm_inputs: MultimodalInputs) -> array:
-        if self.method is None:
-            return super().pad_input_ids(input_ids, mm_inputs)
-        image_len = sum(reserved_tokens(self.method, tiles * self.num_patches) for tiles in self.real_tiles(mm_inputs))
-        mm_inputs.num_image_tokens = image_len
-        return array("q", [self.pad_value(input_ids, mm_inputs)]) * image_len + input_ids
+        if not mm_inputs.mm_items:  # no image reached the model (the processor refuses images without a token)
+            return input_ids
+        tiles, tokens = self.image_block(mm_inputs)
+        slots = self.trim_state.layout.slots(tokens)
+        mm_inputs.num_image_tokens = slots
+        return array("q", [self.pad_value(input_ids, mm_inputs, len(tiles))]) * slots + input_ids
 
-    def pad_value(self, input_ids: array, mm_inputs: MultimodalInputs) -> int:
-        """A pad id from the images, the prompt and the settings: the radix cache's key of the trimmed K/V."""
-        digest = hashlib.sha256(b"trimllama-sglang-v1")
+    def pad_value(self, input_ids: array, mm_inputs: MultimodalInputs, images: int) -> int:
+        """A pad id from the images, the settings and the prompt ids that decide the kept set: the radix cache's key
+        of the request's image block."""
+        digest = hashlib.sha256(b"trimllama-sglang-v2")
         digest.update(self.settings.to_json().encode())
         for item in mm_inputs.mm_items:
             digest.update(int(item.pad_value).to_bytes(8, "big"))
-        digest.update(array("q", input_ids).tobytes())
+        if self.trim_state.method is not None:
+            spans = self.spans(torch.tensor(input_ids, dtype=torch.long))
+            if len(spans) != images:
+                raise ShapeMismatchError(f"the prompt has {len(spans)} image tokens for {images} images")
+            digest.update(array("q", input_ids[: key_length(spans)]).tobytes())
         return MM_PAD_SHIFT_VALUE + (int.from_bytes(digest.digest()[:8], "big") & _PAD_MASK)
 
-    def _batch_image_inputs(self, forward_batch: ForwardBatch):
-        batched = super()._batch_image_inputs(forward_batch)
-        if self.trim_state is not None:
-            self.trim_state.plan = None
-            images, _, aspect_ratio_mask, _ = batched
-            if images is not None:
-                encoded = [
-                    index
-                    for index, mm_input in enumerate(forward_batch.mm_inputs)
-                    if not forward_batch.encoder_cached[index] and mm_input is not None
-                ]
-                tiles = aspect_ratio_mask.sum(dim=-1).tolist()  # (requests, images)
-                self.trim_state.plan = EnginePlan(
-                    requests=[EncodedRequest(index, row) for index, row in zip(encoded, tiles)],
-                    patches=self.num_patches,
-                )
-        return batched
+    def spans(self, text_ids: torch.Tensor) -> list[tuple[int, int]]:
+        """Per image, the prompt rows that score it (`layout.scoring_spans` under the method's rows)."""
+        return scoring_spans(text_ids, self.image_token_id, self.turn_opener, scored_rows(self.trim_state.method))
+
+    # -- the forward pass ----------------------------------------------------------------------------
+
+    def _plan(self, input_ids: torch.Tensor, forward_batch: ForwardBatch) -> EnginePlan | None:
+        """The requests with images in this forward pass, or None when nothing needs trimllama's path (no image, or
+        the shared layout with nothing to encode: SGLang's own attention reads the pool)."""
+        lengths = forward_batch.encoder_lens_cpu
+        if lengths is None or not any(lengths):
+            return None
+        decode = forward_batch.forward_mode.is_decode()
+        cached = forward_batch.encoder_cached if not decode else [True] * len(lengths)
+        layout = self.trim_state.layout
+        if not layout.packed and all(cached):
+            return None
+        extend = [1] * len(lengths) if decode else forward_batch.extend_seq_lens_cpu
+        starts = torch.tensor([0, *extend[:-1]]).cumsum(0).tolist()
+        req_to_token = get_req_to_token_pool().req_to_token
+        requests = []
+        for index, (length, mm_inputs) in enumerate(zip(lengths, forward_batch.mm_inputs or [None] * len(lengths))):
+            if length == 0:
+                continue
+            tiles, tokens = self.image_block(mm_inputs)
+            if layout.slots(tokens) != length:
+                raise ShapeMismatchError(f"a request's image block has {length} slots, expected {layout.slots(tokens)}")
+            rows = slice(starts[index], starts[index] + extend[index])
+            slots = req_to_token[forward_batch.req_pool_indices[index], :length].long()
+            request = RequestImages(rows=rows, slots=slots, tokens=tokens)
+            if not cached[index]:
+                text_ids = input_ids[rows].cpu()
+                request.encoding = Encoding(real_tiles=tiles, spans=self.spans(text_ids))
+            requests.append(request)
+        return EnginePlan(requests)
 
     def flat_encoder_result(self, cross_attention_states: torch.Tensor, encoder_lens_need: list[int]) -> torch.Tensor:
-        """(real-tile tokens of the encoded requests, hidden): what the scoring layer selects from."""
-        plan = self.trim_state.plan if self.trim_state is not None else None
-        if plan is None:
-            return super().flat_encoder_result(cross_attention_states, encoder_lens_need)
-        rows = []
-        for request, states in zip(plan.requests, cross_attention_states):
-            request.features = states.view(len(request.real_tiles), -1, states.shape[-1])
-            rows += [image[: tiles * plan.patches] for image, tiles in zip(request.features, request.real_tiles)]
-        return torch.cat(rows)
+        """Hands each encoded request its images' features (images, max_tiles x patches, hidden); the
+        cross-attention layers read them from the plan."""
+        encoded = self.trim_state.plan.encoded
+        images = max(len(r.encoding.real_tiles) for r in encoded)
+        for request, states in zip(encoded, cross_attention_states):
+            request.encoding.features = states.view(images, -1, states.shape[-1])[: len(request.encoding.real_tiles)]
+        return cross_attention_states
 
     def get_full_text_row_masked_out_mask(self, forward_batch: ForwardBatch) -> torch.Tensor:
         """(rows, 1) bool: the rows of requests with an image, each request counted by its extend length."""
@@ -296,18 +479,24 @@ class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
         return rows.to(forward_batch.seq_lens.device).reshape(-1, 1)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, forward_batch: ForwardBatch):
-        result = super().forward(input_ids, positions, forward_batch)
-        plan = self.trim_state.plan if self.trim_state is not None else None
-        dump = os.environ.get(KEPT_DUMP_VARIABLE)
-        if plan is not None and dump:
-            with open(dump, "a") as file:
-                for request, kept in zip(plan.requests, plan.kept):
-                    record = {
-                        "rank": get_tensor_model_parallel_rank(),
-                        "kept": [indices.tolist() for indices in kept],
-                    }
-                    file.write(json.dumps(record) + "\n")
-        return result
+        state = self.trim_state
+        if state.layout.packed and not state.pool_checked:
+            check_pool(get_token_to_kv_pool(), state.layout)
+            state.pool_checked = True
+        state.plan = self._plan(input_ids, forward_batch)
+        try:
+            result = super().forward(input_ids, positions, forward_batch)
+            if self.kept_dump and state.plan is not None:
+                self._dump_kept(state.plan)
+            return result
+        finally:
+            state.plan = None
+
+    def _dump_kept(self, plan: EnginePlan) -> None:
+        with open(self.kept_dump, "a") as file:
+            for request in plan.encoded:
+                record = {"rank": get_tensor_model_parallel_rank(), "kept": [kept.tolist() for kept in request.encoding.kept]}
+                file.write(json.dumps(record) + "\n")
 
 
 EntryClass = MllamaForConditionalGeneration
