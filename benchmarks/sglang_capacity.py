@@ -1,85 +1,101 @@
-"""SGLang capacity, stock vs trimmed: image requests the KV pool admits at once, and requests/s.
+"""SGLang capacity at the same KV bytes: stock, trimmed in SGLang's layout (`--shared-pool`), trimmed in the image pool.
 
-    python benchmarks/sglang_capacity.py --tiny                                   # CPU, the tiny test checkpoint
+    python benchmarks/sglang_capacity.py --tiny --out benchmarks/results/sglang_capacity_tiny.json   # CPU
     python benchmarks/sglang_capacity.py --model-path meta-llama/Llama-3.2-11B-Vision-Instruct --budget 1600 \
         --max-total-tokens 200000 -- --tp 2                                       # a GPU machine
 
-Two servers, one after the other, with the same `--max-total-tokens`: stock SGLang (`python -m sglang.launch_server`)
-and `trimllama sglang --budget N`. For each, from the engine's own figures: the pool size (`max_total_num_tokens`
-of /server_info) and the slots one request takes (`usage.prompt_tokens` + `--max-tokens`), so the number of such
-requests the pool holds at once; then `--requests` chat requests with the `openai` client, `--concurrency` at a
-time (greedy, `--max-tokens` each), each with its own random image (no request reuses another's cached image
-K/V), timed after one warm-up request. On the tiny CPU model the times are noisy and
-dominated by the vision encoder, which trimming does not change: only the slot arithmetic carries over.
-Arguments after `--` go to both servers. Run it alone (it starts servers): `flock /work/heavy.lock python ...`.
+Three servers, one after the other, with the same `--max-total-tokens` (so the same KV pool, whose bytes each server
+logs: "KV Cache is allocated ... K size ... V size"): stock SGLang, `trimllama sglang --budget N --shared-pool` and
+`trimllama sglang --budget N` (the image pool). Each gets `--requests` image requests at once (one /generate batch),
+each with its own 4-tile image (no request reuses another's cached image K/V) and `--max-tokens` new tokens
+(ignore_eos), radix cache off. Reported from the engine's own figures: the pool, the slots of one request
+(`prompt_tokens`), and the peak number of requests running at once (SGLang's decode log, `#running-req`), with its
+ratio to stock; then the wall time of the burst. `--arithmetic` prints the bytes-per-image table of the 11B and 90B
+for each layout (no server). Arguments after `--` go to every server. Run it alone (it starts servers).
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
+import re
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
 
 from trimllama.harness.server_process import ServerProcess, free_port
+from trimllama.integrations.sglang.layout import PoolLayout
 
 CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
-             "--mem-fraction-static", "0.05", "--skip-server-warmup"]  # fmt: skip
+             "--mem-fraction-static", "0.05", "--skip-server-warmup", "--sleep-on-idle"]  # fmt: skip
+ARMS = {
+    "stock": None,
+    "trimmed_shared_pool": ["--shared-pool"],
+    "trimmed_image_pool": [],
+}
+# Llama-3.2-Vision: decoder layers, cross-attention layers; K+V of one token in one layer: 2 x 8 KV heads x 128 x 2 B
+MODELS = {"11B": (40, tuple(range(3, 40, 5))), "90B": (100, tuple(range(3, 100, 5)))}
+BYTES_PER_ROW = 2 * 8 * 128 * 2
+IMAGE_TOKENS = 4 * 1601
 
 
-def find_key(data, key: str):
-    """The first value of `key` anywhere in nested dicts and lists."""
-    if isinstance(data, dict):
-        if key in data:
-            return data[key]
-        data = list(data.values())
-    if isinstance(data, list):
-        for item in data:
-            found = find_key(item, key)
-            if found is not None:
-                return found
-    return None
+def arithmetic(budget: int = 1600, memory: float = 80e9) -> list[dict]:
+    """Bytes per image and text token in each layout, and images of `budget` kept tokens per `memory` bytes."""
+    rows = []
+    for model, (layers, cross) in MODELS.items():
+        for name, packed in (("shared", False), ("image_pool", True)):
+            layout = PoolLayout(layers=layers, cross_layers=cross, packed=packed)
+            per_token = layout.bytes_per_image_token(BYTES_PER_ROW)
+            rows.append({
+                "model": model,
+                "layout": name,
+                "bytes_per_image_token": per_token,
+                "bytes_per_text_token": layers * BYTES_PER_ROW,
+                "stock_image_bytes": IMAGE_TOKENS * layers * BYTES_PER_ROW,
+                "trimmed_image_bytes": budget * per_token,
+                "trimmed_images_per_80gb": int(memory // (budget * per_token)),
+                "stock_images_per_80gb": int(memory // (IMAGE_TOKENS * layers * BYTES_PER_ROW)),
+            })  # fmt: skip
+    return rows
 
 
-def image_url(path: str) -> str:
-    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+def kv_bytes(log: str) -> float:
+    """GB of K plus V that SGLang allocated, from its start-up line."""
+    match = re.search(r"KV Cache is allocated\..*K size: ([\d.]+) GB, V size: ([\d.]+) GB", log)
+    return float(match.group(1)) + float(match.group(2))
 
 
-def measure(server: ServerProcess, args: argparse.Namespace, urls: list[str]) -> dict:
-    import openai
+def running_peak(lines: list[str]) -> int:
+    counts = [int(m.group(1)) for line in lines if "Decode batch" in line for m in [re.search(r"#running-req: (\d+)", line)] if m]
+    return max(counts, default=0)
 
-    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
-    model = client.models.list().data[0].id
 
-    def ask(index: int):
-        content = [{"type": "image_url", "image_url": {"url": urls[index]}}, {"type": "text", "text": args.question}]
-        return client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": content}],
-            temperature=0,
-            max_tokens=args.max_tokens,
-        )
-
-    first = ask(-1)  # warm-up, and the engine's slot count of one request
-    pool = find_key(requests.get(f"{server.url}/server_info", timeout=30).json(), "max_total_num_tokens")
-    per_request = first.usage.prompt_tokens + args.max_tokens
+def measure(server: ServerProcess, args: argparse.Namespace, images: list[str]) -> dict:
+    text = f"<|image|><|begin_of_text|>{args.question}"
+    one = requests.post(f"{server.url}/generate", json={"text": text, "image_data": images[-1], "sampling_params": {"max_new_tokens": 1}}, timeout=600)
+    one.raise_for_status()
+    start_line = len(server.log.read_text(errors="replace").splitlines())
+    body = {
+        "text": [text] * args.requests,
+        "image_data": images[: args.requests],
+        "sampling_params": {"temperature": 0, "max_new_tokens": args.max_tokens, "ignore_eos": True},
+    }
     start = time.perf_counter()
-    with ThreadPoolExecutor(args.concurrency) as executor:
-        list(executor.map(ask, range(args.requests)))
+    response = requests.post(f"{server.url}/generate", json=body, timeout=3600)
     elapsed = time.perf_counter() - start
+    response.raise_for_status()
+    log = server.log.read_text(errors="replace")
+    info = requests.get(f"{server.url}/server_info", timeout=30).json()
     return {
-        "pool_slots": pool,
-        "prompt_tokens": first.usage.prompt_tokens,
-        "slots_per_request": per_request,
-        "admitted_at_once": pool // per_request,
-        "requests_per_s": args.requests / elapsed,
+        "pool_slots": info.get("max_total_tokens"),
+        "kv_gb": kv_bytes(log),
+        "prompt_tokens": one.json()["meta_info"]["prompt_tokens"],
+        "peak_running_requests": running_peak(log.splitlines()[start_line:]),
+        "burst_seconds": elapsed,
     }
 
 
@@ -90,15 +106,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", help="an Mllama checkpoint (directory or hub id)")
     parser.add_argument("--tiny", action="store_true", help="build and serve the tiny CPU test checkpoint")
-    parser.add_argument("--budget", type=int, default=None, help="tokens kept per image (default: a quarter of a 4-tile image)")
-    parser.add_argument("--max-total-tokens", type=int, default=16384, help="the pool size given to both servers")
-    parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--question", default="what color is the square")
+    parser.add_argument("--budget", type=int, default=64, help="tokens kept per image")
+    parser.add_argument("--max-total-tokens", type=int, default=4096, help="the pool size given to every server")
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--question", default="question : what color is the square answer :")
     parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
+    parser.add_argument("--arithmetic", action="store_true", help="print the 11B/90B bytes-per-image table and exit")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.arithmetic:
+        print(json.dumps(arithmetic(), indent=2))
+        return
     if not args.tiny and not args.model_path:
         parser.error("give --model-path or --tiny")
 
@@ -108,44 +127,46 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="sglang-capacity-"))
     model_path = str(save_sglang_checkpoint(work / "checkpoint")) if args.tiny else args.model_path
-    vision = AutoConfig.from_pretrained(model_path).vision_config
-    tile_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
-    budget = args.budget or vision.max_num_tiles * tile_tokens // 4
-    urls = []  # the last one is the warm-up's
+    tile = AutoConfig.from_pretrained(model_path).vision_config.image_size
+    images = []  # the last one is the single request's
     for seed in range(args.requests + 1):
-        path = work / f"image-{seed}.png"
-        random_image(2, 2, seed=seed, tile=vision.image_size).save(path)
-        urls.append(image_url(str(path)))
+        images.append(str(work / f"image-{seed}.png"))
+        random_image(2, 2, seed=seed, tile=tile).save(images[-1])
 
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SGLANG_EXTERNAL", "TRIMLLAMA_SGLANG"))}
+    env["SGLANG_ENABLE_COLOCATED_BATCH_GEN"] = "1"  # the burst reaches the scheduler as one batch
     cpu = args.cpu or args.tiny
     if cpu:
         env["SGLANG_USE_CPU_ENGINE"] = "1"
     results = {}
-    for arm in ("stock", "trimmed"):
+    for arm, options in ARMS.items():
         port = free_port()
-        launch = ["--model-path", model_path, "--host", "127.0.0.1", "--port", str(port),
-                  "--max-total-tokens", str(args.max_total_tokens), *(CPU_FLAGS if cpu else []), *passthrough]  # fmt: skip
-        if arm == "stock":
+        launch = ["--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), "--disable-radix-cache",
+                  "--decode-log-interval", "1", "--max-total-tokens", str(args.max_total_tokens),
+                  *(CPU_FLAGS if cpu else ["--disable-cuda-graph"]), *passthrough]  # fmt: skip
+        if options is None:
             command = [sys.executable, "-m", "sglang.launch_server", *launch]
         else:
-            command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(budget), "--", *launch]
+            command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(args.budget), *options, "--", *launch]
         server = ServerProcess(command, env, work / f"{arm}.log", port)
         try:
-            server.wait_ready(600)
-            results[arm] = measure(server, args, urls)
+            server.wait_ready(900)
+            results[arm] = measure(server, args, images)
         finally:
             server.stop()
-        print(f"{arm:8s} {json.dumps(results[arm])}", flush=True)
+        print(f"{arm:22s} {json.dumps(results[arm])}", flush=True)
 
-    stock, trimmed = results["stock"], results["trimmed"]
-    print(f"\nmodel {model_path}, budget {budget} per image, --max-total-tokens {args.max_total_tokens}")
-    print(f"{'':24s}{'stock':>12s}{'trimmed':>12s}{'ratio':>9s}")
-    for key in ("prompt_tokens", "slots_per_request", "admitted_at_once", "requests_per_s"):
-        ratio = trimmed[key] / stock[key] if stock[key] else float("nan")
-        print(f"{key:24s}{stock[key]:12.4g}{trimmed[key]:12.4g}{ratio:9.3f}")
+    stock = results["stock"]["peak_running_requests"]
+    print(f"\nmodel {model_path}, budget {args.budget} per image, --max-total-tokens {args.max_total_tokens}, "
+          f"{args.requests} requests x {args.max_tokens} new tokens")  # fmt: skip
+    print(f"{'':22s}{'KV GB':>8s}{'prompt_tokens':>15s}{'peak running':>14s}{'x stock':>9s}{'burst s':>9s}")
+    for arm, result in results.items():
+        print(f"{arm:22s}{result['kv_gb']:8.3f}{result['prompt_tokens']:15d}{result['peak_running_requests']:14d}"
+              f"{result['peak_running_requests'] / stock:9.2f}{result['burst_seconds']:9.1f}")  # fmt: skip
     if args.out:
-        Path(args.out).write_text(json.dumps({"model": model_path, "budget": budget, **results}, indent=2))
+        record = {"model": model_path, "budget": args.budget, "max_total_tokens": args.max_total_tokens,
+                  "requests": args.requests, "max_tokens": args.max_tokens, "arms": results, "arithmetic": arithmetic(args.budget if not args.tiny else 1600)}  # fmt: skip
+        Path(args.out).write_text(json.dumps(record, indent=2))
 
 
 if __name__ == "__main__":

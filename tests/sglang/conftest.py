@@ -1,6 +1,8 @@
-"""SGLang servers on 127.0.0.1 for the engine tests: started once per module (or session), always stopped.
+"""SGLang servers on 127.0.0.1 for the engine tests: stock SGLang and `trimllama sglang` on the tiny checkpoint.
 
-Each server runs in its own process group and is stopped with SIGTERM to the group (SIGKILL after 30 s).
+Each server runs in its own process group and is stopped with SIGTERM to the group (SIGKILL after 30 s). `stock` and
+`trimmed` (the defaults: image pool, image_turn rows, budget 64) live for the whole session; the other arms live for
+their module, so that a few servers at most run at once (`--sleep-on-idle`: an idle scheduler would spin a core).
 """
 
 from __future__ import annotations
@@ -8,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,17 +24,39 @@ from trimllama.testing import random_image, save_sglang_checkpoint
 pytest.importorskip("sglang.srt")
 
 START_TIMEOUT_S = 300
-BUDGET = 197  # a quarter of a 4-tile image's 788 tokens
-FULL_BUDGET = 1000  # more than any image's 788 tokens
+PATCHES = 65  # (112 / 14)^2 + 1 tokens per tile
+MAX_TILES = 4
+LAYERS, CROSS_LAYERS = 5, 2  # the checkpoint's decoder layers, and how many of them are cross-attention layers
+BUDGET = 64  # a quarter of a 4-tile image's 260 tokens
+FULL_BUDGET = 300  # more than any image's 260 tokens
+POOL_SLOTS = 4096
 SGLANG_FLAGS = [
     "--device", "cpu",
     "--attention-backend", "torch_native",
     "--disable-cuda-graph",
     "--dtype", "float32",
     "--mem-fraction-static", "0.05",
-    "--max-total-tokens", "16384",
+    "--max-total-tokens", str(POOL_SLOTS),
     "--skip-server-warmup",
+    "--sleep-on-idle",
+    "--decode-log-interval", "1",
+    "--enable-metrics",
 ]  # fmt: skip
+
+
+def image_slots(tokens: int, packed: bool = True) -> int:
+    """Pool slots of an image block of `tokens` tokens: the image pool packs 2 cross layers into 5-layer slots."""
+    return -(-tokens * CROSS_LAYERS // LAYERS) if packed else tokens
+
+
+def prompt(question: str, images: int = 1) -> str:
+    """The raw prompt the checkpoint's chat template writes for one user turn."""
+    return "<|image|>" * images + f"<|begin_of_text|>question : {question} answer :"
+
+
+def follow_up(history: str, answer: str, question: str) -> str:
+    """`history` (a prompt ending in the generation prompt), an assistant answer, then the next user turn."""
+    return f"{history} {answer}<|end_of_text|><|begin_of_text|>question : {question} answer :"
 
 
 class Server(ServerProcess):
@@ -41,17 +66,39 @@ class Server(ServerProcess):
         super().__init__(command, env, log, port)
         self.kept_dump = kept_dump
 
-    def generate(self, prompt: str | list[str], images=None, max_new_tokens: int = 8) -> dict | list[dict]:
-        """Greedy /generate; `images` is a path (or list of paths, or None per prompt of a batch)."""
-        body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens}}
+    def post_generate(self, prompt: str | list[str], images=None, max_new_tokens: int = 8, **sampling) -> requests.Response:
+        body = {"text": prompt, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens, **sampling}}
         if images is not None:
             body["image_data"] = images
-        response = requests.post(f"{self.url}/generate", json=body, timeout=120)
+        return requests.post(f"{self.url}/generate", json=body, timeout=600)
+
+    def generate(self, prompt: str | list[str], images=None, max_new_tokens: int = 8, **sampling) -> dict | list[dict]:
+        """Greedy /generate; `images` is a path (or list of paths, or None per prompt of a batch)."""
+        response = self.post_generate(prompt, images, max_new_tokens, **sampling)
         response.raise_for_status()
         return response.json()
 
     def flush_cache(self) -> None:
         requests.post(f"{self.url}/flush_cache", timeout=30).raise_for_status()
+
+    def server_info(self) -> dict:
+        return requests.get(f"{self.url}/server_info", timeout=30).json()
+
+    def metric(self, name: str) -> float:
+        """A gauge of SGLang's /metrics (e.g. `sglang:kv_available_tokens`), summed over its label sets."""
+        text = requests.get(f"{self.url}/metrics", timeout=30).text
+        values = [float(value) for value in re.findall(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)]
+        assert values, f"{name} is not in /metrics"
+        return sum(values)
+
+    def log_lines(self, since: int = 0) -> list[str]:
+        return self.log.read_text(errors="replace").splitlines()[since:]
+
+    def running_peak(self, since: int) -> int:
+        """The most requests SGLang's own decode log reports running at once (`#running-req`), after line `since`."""
+        counts = [int(m.group(1)) for line in self.log_lines(since) if "Decode batch" in line for m in [re.search(r"#running-req: (\d+)", line)] if m]
+        assert counts, "no decode batch was logged"
+        return max(counts)
 
     def prefill_batches(self, requests_in_batch: int) -> int:
         """How many prefill batches of exactly that many new requests the server has logged so far."""
@@ -114,15 +161,18 @@ def data_url(path: str) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
+def hf(checkpoint):
+    """The checkpoint in Hugging Face, aligned to SGLang (`tiny_checkpoint.hf_model`), and its processor."""
+    from tiny_checkpoint import hf_model
+    from transformers import AutoProcessor
+
+    return hf_model(checkpoint), AutoProcessor.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="session")
 def stock_server(checkpoint, workdir):
     with running(checkpoint, workdir, "stock") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def full_budget_server(checkpoint, workdir):
-    with running(checkpoint, workdir, "full", ["--budget", str(FULL_BUDGET)]) as server:
         yield server
 
 

@@ -1,0 +1,150 @@
+"""SGLang conversations: what each turn prefills again, and its time to first token, for three keyings.
+
+    python benchmarks/sglang_conversations.py --tiny --out benchmarks/results/sglang_conversations_tiny.json   # CPU
+    python benchmarks/sglang_conversations.py --model-path meta-llama/Llama-3.2-11B-Vision-Instruct --budget 1600 -- --tp 2
+
+Three servers, one after the other, radix cache on, the same `--max-total-tokens`: stock SGLang (an image's pad ids
+hash the image), `trimllama sglang --budget N --param query_rows=all` (every prompt row scores, so the pad ids hash
+the whole prompt: per-prompt keying) and `trimllama sglang --budget N` (query_rows=image_turn, the default: the pad
+ids hash the image's own user message). `--conversations` chats at once, each about its own 4-tile image, `--turns`
+turns each; every turn sends the whole history with the model's earlier replies through the `openai` client
+(streamed), all conversations' turn k together. Per turn, from the engine's own figures: prompt tokens, cached tokens
+(`usage.prompt_tokens_details.cached_tokens`, `--enable-cache-report`), so the tokens prefilled again, and the time
+to first token (median over conversations). Arguments after `--` go to every server. Run it alone (it starts servers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from trimllama.harness.server_process import ServerProcess, free_port
+
+CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
+             "--mem-fraction-static", "0.05", "--skip-server-warmup", "--sleep-on-idle"]  # fmt: skip
+ARMS = {"stock": None, "per_prompt_keying": ["--param", "query_rows=all"], "image_turn_keying": []}
+QUESTIONS = ["what color is the square", "how many circles are there", "what shape is left of the circle", "is there a red triangle"]
+
+
+def image_url(path: str) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def run_conversations(server: ServerProcess, args: argparse.Namespace, urls: list[str]) -> list[dict]:
+    """Per turn: median prompt, cached and prefilled tokens and time to first token over the conversations."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused")
+    model = client.models.list().data[0].id
+    histories = [[] for _ in urls]
+
+    def turn(index: int, number: int) -> dict:
+        question = QUESTIONS[number % len(QUESTIONS)]
+        content = [{"type": "text", "text": question}]
+        if number == 0:
+            content.insert(0, {"type": "image_url", "image_url": {"url": urls[index]}})
+        histories[index].append({"role": "user", "content": content})
+        start = time.perf_counter()
+        first, reply, usage = None, [], None
+        stream = client.chat.completions.create(
+            model=model, messages=histories[index], temperature=0, max_tokens=args.max_tokens, stream=True,
+            stream_options={"include_usage": True},
+        )  # fmt: skip
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                first = first if first is not None else time.perf_counter() - start
+                reply.append(chunk.choices[0].delta.content)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        histories[index].append({"role": "assistant", "content": "".join(reply)})
+        cached = (usage.prompt_tokens_details.cached_tokens or 0) if usage.prompt_tokens_details else 0
+        return {"prompt": usage.prompt_tokens, "cached": cached, "ttft": first if first is not None else time.perf_counter() - start}
+
+    turns = []
+    with ThreadPoolExecutor(len(urls)) as pool:
+        for number in range(args.turns):
+            results = list(pool.map(lambda index: turn(index, number), range(len(urls))))
+            turns.append({
+                "turn": number + 1,
+                "prompt_tokens": statistics.median(r["prompt"] for r in results),
+                "cached_tokens": statistics.median(r["cached"] for r in results),
+                "prefilled_tokens": statistics.median(r["prompt"] - r["cached"] for r in results),
+                "ttft_s": statistics.median(r["ttft"] for r in results),
+            })  # fmt: skip
+    return turns
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-path", help="an Mllama checkpoint (directory or hub id)")
+    parser.add_argument("--tiny", action="store_true", help="build and serve the tiny CPU test checkpoint")
+    parser.add_argument("--budget", type=int, default=64, help="tokens kept per image")
+    parser.add_argument("--max-total-tokens", type=int, default=16384, help="the pool size given to every server")
+    parser.add_argument("--conversations", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=4)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if not args.tiny and not args.model_path:
+        parser.error("give --model-path or --tiny")
+
+    from transformers import AutoConfig
+
+    from trimllama.testing import random_image, save_sglang_checkpoint
+
+    work = Path(tempfile.mkdtemp(prefix="sglang-conversations-"))
+    model_path = str(save_sglang_checkpoint(work / "checkpoint")) if args.tiny else args.model_path
+    tile = AutoConfig.from_pretrained(model_path).vision_config.image_size
+    urls = []
+    for seed in range(args.conversations):
+        path = work / f"image-{seed}.png"
+        random_image(2, 2, seed=seed, tile=tile).save(path)
+        urls.append(image_url(str(path)))
+
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SGLANG_EXTERNAL", "TRIMLLAMA_SGLANG"))}
+    cpu = args.cpu or args.tiny
+    if cpu:
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+    results = {}
+    for arm, options in ARMS.items():
+        port = free_port()
+        launch = ["--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), "--enable-cache-report",
+                  "--max-total-tokens", str(args.max_total_tokens), *(CPU_FLAGS if cpu else ["--disable-cuda-graph"]),
+                  *passthrough]  # fmt: skip
+        if options is None:
+            command = [sys.executable, "-m", "sglang.launch_server", *launch]
+        else:
+            command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(args.budget), *options, "--", *launch]
+        server = ServerProcess(command, env, work / f"{arm}.log", port)
+        try:
+            server.wait_ready(900)
+            results[arm] = run_conversations(server, args, urls)
+        finally:
+            server.stop()
+        print(f"{arm}: {json.dumps(results[arm])}", flush=True)
+
+    print(f"\nmodel {model_path}, budget {args.budget}, {args.conversations} conversations x {args.turns} turns at once")
+    print(f"{'turn':>4s} " + "".join(f"{arm + ' prefilled / ttft':>36s}" for arm in results))
+    for number in range(args.turns):
+        cells = [f"{r[number]['prefilled_tokens']:>8.0f} of {r[number]['prompt_tokens']:<5.0f} {r[number]['ttft_s']:7.3f} s" for r in results.values()]
+        print(f"{number + 1:>4d} " + "".join(f"{cell:>36s}" for cell in cells))
+    if args.out:
+        record = {"model": model_path, "budget": args.budget, "conversations": args.conversations, "turns": args.turns,
+                  "max_tokens": args.max_tokens, "arms": results}  # fmt: skip
+        Path(args.out).write_text(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
