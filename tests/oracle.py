@@ -14,7 +14,14 @@ import torch
 
 @contextlib.contextmanager
 def masked_layers(
-    model, keep: torch.Tensor, extra_features=None, extra_bias=None, extra_source=None, layers=None, decode_only=False
+    model,
+    keep: torch.Tensor,
+    extra_features=None,
+    extra_bias=None,
+    extra_source=None,
+    layers=None,
+    decode_only=False,
+    prefill_rows=None,
 ):
     """Untrimmed model; the given cross-attention layers (default: all but the first) mask the columns
     where `keep` (batch, image_tokens) is False.
@@ -23,7 +30,8 @@ def masked_layers(
     of -inf logits everywhere; a finite mask would spread it uniformly instead).
     With `extra_*` (batch, extra[, hidden]) the layers also get extra feature columns appended, whose
     logit bias is `extra_bias` in the rows that see the column `extra_source` and -inf elsewhere.
-    `decode_only` leaves prefill forwards (those with image features) alone.
+    `decode_only` leaves prefill forwards (those with image features) alone; `prefill_rows` (batch, text_len) bool
+    masks only those rows of a prefill forward (decode forwards mask every row).
     """
     text_model = model.model.language_model
     if layers is None:
@@ -35,7 +43,10 @@ def masked_layers(
         mask = kwargs["cross_attention_mask"]  # (batch, 1, text_len, image_tokens)
         row_visible = kwargs["full_text_row_masked_out_mask"]  # (batch, 1, text_len, 1)
         lowest = torch.finfo(mask.dtype).min
-        new_mask = mask.masked_fill(~keep[:, None, None, :], lowest)
+        dropped = ~keep[:, None, None, :]
+        if prefill_rows is not None and kwargs["cross_attention_states"] is not None:
+            dropped = dropped & prefill_rows[:, None, :, None]
+        new_mask = mask.masked_fill(dropped, lowest)
         if extra_features is not None:
             source_mask = torch.stack([mask[b, :, :, extra_source[b]] for b in range(mask.shape[0])])
             visible = (source_mask == 0) & (row_visible > 0)
@@ -64,6 +75,22 @@ def masked_layers(
     finally:
         for handle in handles:
             handle.remove()
+
+
+def rows_after_their_image_turn(input_ids: torch.Tensor, image_token_id: int, assistant_opener, sees_image) -> torch.Tensor:
+    """(batch, text_len) bool: rows that see an image and lie after the user message of their latest image token
+    (an assistant opener started after it), walked token by token. sees_image: (batch, text_len) bool."""
+    opener = list(assistant_opener)
+    late = torch.zeros(input_ids.shape, dtype=torch.bool)
+    for sample, ids in enumerate(input_ids.tolist()):
+        seen_image = in_image_message = False
+        for position, token in enumerate(ids):
+            if token == image_token_id:
+                seen_image = in_image_message = True
+            elif ids[position : position + len(opener)] == opener:
+                in_image_message = False
+            late[sample, position] = seen_image and not in_image_message and bool(sees_image[sample, position])
+    return late
 
 
 def keep_mask_from_indices(kept: list[torch.Tensor], num_tokens: int) -> torch.Tensor:

@@ -100,3 +100,58 @@ def test_bad_input_is_one_line_and_exit_2(bad_runs, name):
     assert re.fullmatch(r"trimllama (generate|show): error: .*", lines[0])
     assert re.search(BAD_INPUTS[name][1], lines[0]), lines[0]
     assert result.stdout == ""
+
+
+# a setting given twice (by its option and by --param) or a name that is no setting: one line, exit 2, in every
+# command that takes the selection options, before any model is loaded
+SETTING_CLASHES = {
+    "reserved name": (["--param", "name=x"], "name is not a method setting: the method is named apart from its settings"),
+    "reserved image_tokens": (["--param", "image_tokens=5"], "image_tokens is not a method setting"),
+    "head_k twice": (["--head-k", "0.1", "--param", "head_k=0.2"], "--param head_k and --head-k set the same setting"),
+    "budget twice": (["--budget", "8", "--param", "budget=8"], "--param budget and --budget set the same setting"),
+    "merge_remainder twice": (
+        ["--merge-remainder", "--param", "merge_remainder=true"],
+        "--param merge_remainder and --merge-remainder set the same setting",
+    ),
+    "method twice": (["--param", "method=random"], "--param method and --method set the same setting"),
+}
+COMMANDS = {
+    "generate": ["generate", "--image", "{image}", "--prompt", PROMPT],
+    "show": ["show", "--image", "{image}", "--prompt", PROMPT, "--out", "{folder}/x.png"],
+    "serve": ["serve", "--port", "0"],
+}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+@pytest.mark.parametrize("clash", list(SETTING_CLASHES))
+def test_a_reserved_name_or_a_setting_given_twice_is_one_line_and_exit_2(tmp_path, capsys, command, clash):
+    from trimllama.cli import main
+
+    image = tmp_path / "image.png"
+    make_questions(1, seed=5, qtypes=("color",))[0].image.save(image)
+    options, message = SETTING_CLASHES[clash]
+    argv = [arg.format(image=image, folder=tmp_path) for arg in COMMANDS[command]] + options
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"trimllama {command}: error: "), lines
+    assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--param", "name=x"], "name is not a method setting"),
+        (["--param", "head_k=0.1"], "head_k is set by the sweep; it is not also a --param"),
+        (["--methods", "attention_mass:mass", "--param", "mass=0.5"], "mass is set by the sweep"),
+        (["--methods", "attention_mass"], "method attention_mass takes no head_k"),
+        (["--methods", "floor"], "method floor takes no head_k"),
+        (["--conversations", "--param", "query_rows=all"], "query_rows is set by the conversation arms"),
+        (["--conversations", "--param", "image_tokens=3"], "image_tokens is not a method setting"),
+    ],
+)
+def test_eval_refuses_bad_settings_before_loading(capsys, options, message):
+    from trimllama.cli import main
+
+    assert main(["eval", *options]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("trimllama eval: error: ") and message in lines[0], lines

@@ -22,6 +22,7 @@ import torch
 import trimllama
 from trimllama.cli import build_parser, main
 from trimllama.cli.options import CommandError, flag_message, method_from_args
+from trimllama.methods import method_from_settings
 from trimllama.testbed import CHECKPOINT_DIR, make_questions
 
 pytest.importorskip("fastapi")
@@ -50,6 +51,8 @@ GOOD = [
     dict(method="random", head_k=0.2),
     dict(method="random", like="headwise_topk", head_k=0.1, merge_remainder=True),
     dict(method="uniform_stride", budget=None, head_k=0.3),
+    dict(method="headwise_topk", head_k=0.1, query_rows="image_turn"),
+    dict(method="mean_heads_topk", head_k=0.2, query_rows="image_turn", merge_remainder=True),
     dict(method="none"),
 ]
 BAD = [
@@ -63,6 +66,9 @@ BAD = [
     dict(method="headwise_topk", like="random"),
     dict(method="random", like="none"),
     dict(method="random", like=5),
+    dict(method="headwise_topk", name="x"),  # a reserved name: not a setting (image_tokens: in the tests below)
+    dict(method="none", name="x"),
+    dict(method="headwise_topk", query_rows="first_turn"),
 ]
 
 
@@ -73,8 +79,9 @@ def cli_method(settings: dict):
             argv += [f"--{key.replace('_', '-')}", str(settings[key])]
     if settings.get("merge_remainder"):
         argv.append("--merge-remainder")
-    if settings.get("like"):
-        argv += ["--param", f"like={settings['like']}"]
+    for key, value in settings.items():
+        if key not in ("method", "head_k", "budget", "merge_remainder"):
+            argv += ["--param", f"{key}={json.dumps(value)}"]
     return method_from_args(build_parser().parse_args(argv))
 
 
@@ -251,3 +258,23 @@ def test_any_other_setting_is_checked_against_its_default_in_the_cli_and_the_ser
         serve_method(dict(method="random", seed="x"))
     assert served.value.param == "trim.seed" and str(core.value) in served.value.message
     assert trimllama.build_method("random", seed=3) == serve_method(dict(method="random", seed=3)) == trimllama.RandomSelect(seed=3)
+
+
+@pytest.mark.parametrize("trim_options", [{"name": "x"}, {"image_tokens": 5}, {"method": "none", "name": "x"}])
+def test_a_reserved_name_in_the_trim_object_is_a_400_naming_it(plugin, request_parts, trim_options):
+    """Not a 500: the server answers the core's message, in the OpenAI error shape, and keeps serving."""
+    question, _, url = request_parts
+    key = next(key for key in trim_options if key != "method")
+    with pytest.raises(trimllama.InvalidSettingError) as core:
+        method_from_settings(trim_options.get("method", "headwise_topk"), {key: trim_options[key]})
+    app = create_app(plugin.model, plugin.processor, ServeConfig(model_name="testbed"))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2}
+    with TestClient(app) as client:
+        refused = client.post("/v1/chat/completions", json=dict(body, trim=trim_options))
+        image_turn = client.post("/v1/chat/completions", json=dict(body, trim={"head_k": 0.1, "query_rows": "image_turn"}))
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == f"trim.{key}" and str(core.value) in error["message"]
+    assert image_turn.status_code == 200, image_turn.text
+    assert 0 < image_turn.json()["trim"]["image_tokens_after"] < image_turn.json()["trim"]["image_tokens_before"]

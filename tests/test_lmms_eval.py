@@ -223,6 +223,9 @@ def test_testbed_task_files_hold_the_questions(tmp_path):
         (dict(method="headwise_topk", like="random"), "like=random is for method=random only, not headwise_topk"),
         (dict(method="random", like="none"), "like=none matches nothing"),
         (dict(method="none", like="headwise_topk"), "like has no effect with method=none"),
+        (dict(method="headwise_topk", name="x"), "name is not a method setting"),
+        (dict(method="headwise_topk", image_tokens=5), "image_tokens is not a method setting"),
+        (dict(method="headwise_topk", query_rows="first_turn"), "query_rows must be one of all, last_turn, image_turn"),
     ],
 )
 def test_bad_method_arguments(arguments, message):
@@ -239,11 +242,18 @@ def test_bad_method_arguments(arguments, message):
         (dict(max_new_tokens=-1), "max_new_tokens must be a positive integer"),
         (dict(apply_chat_template="maybe"), "apply_chat_template must be auto, true or false"),
         (dict(dtype="int8"), "dtype must be auto or one of float32, bfloat16, float16, got 'int8'"),
+        (dict(method="headwise_topk", name="x"), "name is not a method setting"),
+        (dict(method="headwise_topk", image_tokens=5), "image_tokens is not a method setting"),
     ],
 )
 def test_bad_model_arguments(arguments, message):
     with pytest.raises(ValueError, match=message):
         TrimmedLlamaVision(pretrained="testbed", **arguments)
+
+
+def test_any_setting_of_the_method_is_a_model_argument():
+    plugin = TrimmedLlamaVision.create_from_arg_string("pretrained=testbed,method=headwise_topk,head_k=0.1,query_rows=image_turn")
+    assert plugin.method == HeadwiseTopK(head_k=0.1, query_rows="image_turn")
 
 
 def test_other_bad_inputs(tmp_path):

@@ -11,9 +11,9 @@ from .adapters import adapter_for
 from .adapters.base import HANDLE_ATTRIBUTE, TrimHandle
 from .errors import AlreadyTrimmedError
 from .methods import SelectionMethod, get_method
-from .methods.base import scores_last_turn
+from .methods.base import query_rows_of
 from .selection import SCORING_BUFFER_BYTES
-from .turns import user_turn_opener
+from .turns import turn_markers
 
 __all__ = ["TrimHandle", "trim"]
 
@@ -38,7 +38,7 @@ def trim(
             32 MiB). A larger buffer scores in fewer, larger chunks; the selection is the same unless the buffer
             is too small for one KV group's 256 text rows (then rows are summed in smaller steps).
         tokenizer: the tokenizer or processor whose chat template built the prompts; needed by methods with
-            `query_rows="last_turn"`, which score only the rows of the last user message (`trimllama.turns`).
+            `query_rows="last_turn"` or `"image_turn"`, which read the template's turn markers (`trimllama.turns`).
 
     Returns:
         A `TrimHandle`; use it as a context manager or call `remove()`.
@@ -48,13 +48,13 @@ def trim(
     existing = getattr(model, HANDLE_ATTRIBUTE, None)
     if existing is not None:
         raise AlreadyTrimmedError(f"this model is already trimmed by {existing!r}; remove() it first")
-    turn_opener = user_turn_opener(tokenizer) if tokenizer is not None and scores_last_turn(method) else None
+    markers = turn_markers(tokenizer, query_rows_of(method)) if tokenizer is not None else {}
     handle = adapter_class(
         model,
         method,
         trim_scoring_layer=trim_scoring_layer,
         scoring_buffer_bytes=scoring_buffer_bytes,
-        turn_opener=turn_opener,
+        turn_markers=markers,
     )
     setattr(model, HANDLE_ATTRIBUTE, handle)
     return handle

@@ -10,6 +10,8 @@ conversation:
   `<|start_header_id|>assistant<|end_header_id|>`, for the testbed `answer :`. Scoring methods with
   `query_rows="image_turn"` score only the rows of the user message that holds the image, which end where it
   occurs (`selection.image_turn_rows`).
+
+`turn_markers` reads the markers a method's row rules need (`trim(..., tokenizer=...)` calls it).
 """
 
 from __future__ import annotations
@@ -81,3 +83,15 @@ def _render(tokenizer, template: str, conversation: list[dict], rule: str) -> st
             f"query_rows={rule}: the chat template cannot render a plain-text conversation ({error})",
             setting="query_rows",
         ) from error
+
+
+MARKER_READERS = {"last_turn": user_turn_opener, "image_turn": assistant_turn_opener}  # the marker each row rule reads
+
+
+def turn_markers(tokenizer, rules: set[str]) -> dict[str, tuple[int, ...]]:
+    """The chat template's markers that the `query_rows` values `rules` read, keyed by rule ("all" reads none).
+
+    Raises:
+        InvalidSettingError (setting `query_rows`): a marker the template does not have.
+    """
+    return {rule: read(tokenizer) for rule, read in MARKER_READERS.items() if rule in rules}

@@ -6,8 +6,10 @@ How one forward pass runs with the hooks (see `shared/method.md` for the Mllama 
       language_model (text model)  post-hook: drops per-step buffers, measures the cache after a prefill
         first cross-attn layer     pre-hook: on prefill keeps the full inputs for scoring; on decode gathers
                                    the step's mask to the kept columns (used by the later layers)
-          cross_attn.q_norm/k_norm post-hooks: capture q/k on prefill, so scoring reuses the layer's projections
-                                   post-hook: scores, selects, builds the TrimPlan, gathers the kept features
+          cross_attn.q_norm/k_norm post-hooks: capture q/k on prefill, so scoring reuses the layer's projections;
+                                   once k exists, score and select (before the layer's own attention)
+        cross_attn                 post-hook: zero the attention of rows left with no column (image_turn below)
+                                   post-hook: builds the TrimPlan, gathers the kept features
         later cross-attn layers    pre-hook: swap in the kept features (prefill) and the gathered mask (always)
 
 Decode steps pass `cross_attention_states=None`; the later layers read their (trimmed) cache, and
@@ -15,18 +17,27 @@ the mask that `MllamaModel` rebuilds from the untrimmed tile layout is gathered 
 A text-only forward (no image given, none cached) passes through untouched, as untrimmed: Mllama
 skips its cross-attention layers, and the stats report zero image tokens.
 
+`query_rows="image_turn"` with `trim_scoring_layer=True`: the prefill rows that come after their image's user
+message (they see an image but do not score) attend, in the scoring layer too, to the kept columns only, as the
+decode steps and any later extension of the prompt do. The scoring layer then gets its own copy of the mask, whose
+dropped columns the selection (made in k_norm's hook, before the layer's attention) sets to -inf in those rows; a
+row left with no column gets an attention output of 0, as its decode steps do. So a prompt prefilled from scratch
+equals its earlier turns from the cache plus its extension, as in an engine whose cache holds only the kept tokens.
+
 Memory. What trimming adds is largest in the scoring layer's post-hook, where the selection is made. Alive then:
     the model's own tensors, untrimmed or not: the full image features (batch, image_tokens, hidden), which
         Mllama holds for the whole forward pass, its additive mask (batch, 1, text_len, image_tokens), the hidden
         states, and the scoring layer's full keys and values in the cache;
-    held by the hooks until the selection is made: the scoring layer's own q (batch, heads, text_len, head_dim)
-        and k (batch, kv_heads, image_tokens, head_dim), captured from q_norm/k_norm instead of projected again;
+    held by the hooks until the selection is made (in k_norm's hook, before the layer's own attention): the scoring
+        layer's own q (batch, heads, text_len, head_dim) and k (batch, kv_heads, image_tokens, head_dim), captured
+        from q_norm/k_norm instead of projected again;
     the scoring's buffers, at most `scoring_buffer_bytes` (selection.head_attention chunks samples, KV groups
         and rows), the visible-token mask built a few rows at a time within the same bound, and the scores
         (batch, heads, image_tokens) float32.
-Then q, k and the scores are released, and the kept features (batch, kept, hidden) and the prefill's mask of
-the kept columns (batch, 1, text_len, kept) are built once, shared by every later layer, and dropped when the
-text model returns (the plan's indices stay for the decode steps). Nothing of the trimming grows with
+Then q, k and the scores are released (the keep-mask stays), the layer's attention runs (with image_turn and
+trim_scoring_layer over its own copy of the mask), and after it the kept features (batch, kept, hidden) and the
+prefill's mask of the kept columns (batch, 1, text_len, kept) are built once, shared by every later layer, and
+dropped when the text model returns (the plan's indices stay for the decode steps). Nothing of the trimming grows with
 batch x text_len x image_tokens x heads, so the trimmed prefill peaks where the untrimmed one does.
 """
 
@@ -48,9 +59,10 @@ from transformers.models.mllama.modeling_mllama import (
 )
 
 from ..errors import InvalidSettingError, MissingImageError, ShapeMismatchError, UnsupportedModelError
-from ..methods.base import ImageTokens, SelectionMethod, scores_last_turn
+from ..methods.base import ExtraTokens, ImageTokens, SelectionMethod, query_rows_of
 from ..plan import TrimPlan
-from ..selection import SCORING_BUFFER_BYTES, head_attention, last_turn_rows, visible_tokens
+from ..selection import SCORING_BUFFER_BYTES, head_attention, image_turn_rows, last_turn_rows, visible_tokens
+from ..turns import MARKER_READERS
 from . import mllama_facts
 from .base import Adapter, TrimStats, check_scoring_buffer_bytes
 
@@ -80,18 +92,27 @@ def check_transformers_version() -> None:
 
 @dataclass
 class _Prefill:
-    """Inputs of the scoring layer on a prefill, held until the selection is made and released right after it.
+    """Inputs of the scoring layer on a prefill and its selection, held until the plan is built.
 
     states: (batch, image_tokens, hidden); mask: (batch, 1, text_len, image_tokens) additive;
-    row_visible: (batch, 1, text_len, 1); query: (batch, heads, text_len, head_dim);
-    key: (batch, kv_heads, image_tokens, head_dim).
+    row_visible: (batch, 1, text_len, 1); rule_rows: (batch, text_len) bool per row rule whose marker is known;
+    late_rows: (batch, text_len) bool, rows that must see only the kept columns (image_turn, trim_scoring_layer);
+    scoring_mask: the scoring layer's own copy of `mask` where there are late rows;
+    query: (batch, heads, text_len, head_dim) and key: (batch, kv_heads, image_tokens, head_dim), released once
+    the selection is made; keep: (batch, image_tokens) bool; extra: the method's extra tokens; valid: per sample.
     """
 
     states: torch.Tensor
     mask: torch.Tensor
     row_visible: torch.Tensor
+    rule_rows: dict[str, torch.Tensor]
+    late_rows: torch.Tensor | None = None
+    scoring_mask: torch.Tensor | None = None
     query: torch.Tensor | None = None
     key: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+    extra: ExtraTokens | None = None
+    valid: list[int] | None = None
 
 
 def _last_row_attention(
@@ -112,6 +133,13 @@ def _last_row_attention(
     )
 
 
+# what a sample lacks when a row rule finds none of its rows that see an image
+_NO_RULE_ROWS = {
+    "last_turn": "user-turn marker of the chat template; build the prompt with the chat template",
+    "image_turn": "<|image|> token before its rows that see an image; give the prompt's input_ids with its <|image|> tokens",
+}
+
+
 def _row_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -121,29 +149,42 @@ def _row_attention(
     reduce: str,
     query_rows: str,
     *,
-    turn_rows: torch.Tensor | None,
+    rule_rows: dict[str, torch.Tensor],
     buffer_bytes: int,
 ) -> torch.Tensor:
-    """`head_attention` over `rows` (query_rows "all") or over the rows of the last turn too ("last_turn").
+    """`head_attention` over `rows` (query_rows "all"), or over those of them the row rule `query_rows` takes.
 
-    turn_rows: (batch, text_len) bool from `selection.last_turn_rows`, or None when no turn marker is known.
+    rule_rows: (batch, text_len) bool per rule: "last_turn" from `selection.last_turn_rows`, "image_turn" from
+    `selection.image_turn_rows`; a rule is missing where its marker or the prompt's input_ids are not known.
     """
-    if query_rows == "last_turn":
-        if turn_rows is None:
+    if query_rows != "all":
+        if query_rows not in rule_rows:
             raise InvalidSettingError(
-                "query_rows=last_turn needs the prompt's token ids and the chat template's turn marker: "
+                f"query_rows={query_rows} needs the prompt's token ids and the chat template's turn marker: "
                 "trim(model, method, tokenizer=processor) and a prefill given input_ids",
                 setting="query_rows",
             )
-        missing = rows.any(dim=1) & ~turn_rows.any(dim=1)
+        taken = rows & rule_rows[query_rows]
+        missing = rows.any(dim=1) & ~taken.any(dim=1)
         if missing.any():
             raise InvalidSettingError(
-                f"query_rows=last_turn: sample(s) {missing.nonzero().flatten().tolist()} of the batch have no "
-                "user-turn marker of the chat template; build the prompt with the chat template",
+                f"query_rows={query_rows}: sample(s) {missing.nonzero().flatten().tolist()} of the batch have no "
+                + _NO_RULE_ROWS[query_rows],
                 setting="query_rows",
             )
-        rows = rows & turn_rows
+        rows = taken
     return head_attention(query, key, mask, rows, scaling, reduce, buffer_bytes=buffer_bytes)
+
+
+def _hide_dropped_columns(mask: torch.Tensor, rows: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Set the columns `keep` drops to the mask's -inf in `rows`, in place; the rows left with no column.
+
+    mask: (batch, 1, text_len, image_tokens) additive; rows: (batch, text_len) bool; keep: (batch, image_tokens) bool.
+    Returns (batch, text_len) bool: rows of `rows` that now see no column (their attention output must be 0).
+    """
+    lowest = torch.finfo(mask.dtype).min
+    mask[:, 0].masked_fill_(rows[:, :, None] & ~keep[:, None, :], lowest)
+    return rows & (mask[:, 0] == lowest).all(dim=-1)
 
 
 class MllamaAdapter(Adapter):
@@ -158,20 +199,26 @@ class MllamaAdapter(Adapter):
         method: SelectionMethod,
         trim_scoring_layer: bool = False,
         scoring_buffer_bytes: int = SCORING_BUFFER_BYTES,
-        turn_opener: tuple[int, ...] | None = None,
+        turn_markers: dict[str, tuple[int, ...]] | None = None,
     ) -> None:
         check_transformers_version()
-        if turn_opener is None and scores_last_turn(method):
-            raise InvalidSettingError(
-                "query_rows=last_turn needs the chat template's turn marker: trim(model, method, tokenizer=processor)",
-                setting="query_rows",
-            )
+        rules = query_rows_of(method)
+        turn_markers = turn_markers or {}
+        for rule in MARKER_READERS:
+            if rule in rules and rule not in turn_markers:
+                raise InvalidSettingError(
+                    f"query_rows={rule} needs the chat template's turn marker: trim(model, method, tokenizer=processor)",
+                    setting="query_rows",
+                )
         super().__init__(model)
         self.method = method
         self.trim_scoring_layer = trim_scoring_layer
         self.scoring_buffer_bytes = check_scoring_buffer_bytes(scoring_buffer_bytes)
-        self.turn_opener = None if turn_opener is None else torch.tensor(turn_opener, dtype=torch.long)
+        self.turn_markers = {rule: torch.tensor(ids, dtype=torch.long) for rule, ids in turn_markers.items()}
+        # image_turn with a compacted scoring layer: prefill rows past their image's message see the kept columns only
+        self.late_rows_see_kept = trim_scoring_layer and "image_turn" in rules
         self.core: MllamaModel = model.model if isinstance(model, MllamaForConditionalGeneration) else model
+        self.image_token_id = mllama_facts.image_token_id(self.core.config)
         text_model = self.core.language_model
         self.scoring_index, self.trimmed_indices = mllama_facts.scoring_and_trimmed_layers(text_model.config)
         self.scoring_layer = text_model.layers[self.scoring_index]
@@ -188,7 +235,8 @@ class MllamaAdapter(Adapter):
         self.plan: TrimPlan | None = None
         self._layout: tuple[int, int, int] | None = None
         self._prefill: _Prefill | None = None
-        self._input_ids: torch.Tensor | None = None  # (batch, text_len) of the prefill, for the last-turn rows
+        self._input_ids: torch.Tensor | None = None  # (batch, text_len) of the prefill, for the row rules
+        self._blind_rows: torch.Tensor | None = None  # (batch, text_len) late rows of this prefill that see no column
         self._trimmed_states: torch.Tensor | None = None  # (batch, columns, hidden), prefill only
         self._step_mask: torch.Tensor | None = None  # (batch, 1, text_len, columns)
         self._install()
@@ -206,6 +254,7 @@ class MllamaAdapter(Adapter):
             self.scoring_layer.register_forward_hook(self._after_scoring_layer, with_kwargs=True),
             self.attention.q_norm.register_forward_hook(self._capture_query),
             self.attention.k_norm.register_forward_hook(self._capture_key),
+            self.attention.register_forward_hook(self._after_scoring_attention),
         ]
         for index in self.trimmed_indices:
             layer = text_model.layers[index]
@@ -213,7 +262,7 @@ class MllamaAdapter(Adapter):
 
     def remove(self) -> None:
         super().remove()
-        self._prefill = self._trimmed_states = self._step_mask = self._input_ids = None
+        self._prefill = self._trimmed_states = self._step_mask = self._input_ids = self._blind_rows = None
 
     # -- hooks ---------------------------------------------------------------------------------
 
@@ -261,8 +310,15 @@ class MllamaAdapter(Adapter):
                     f"match batch {batch} x images x tiles x patches {self._layout} = {expected} tokens per sample"
                 )
             states = states.reshape(batch, expected, states.shape[-1])
-            self._prefill = _Prefill(states=states, mask=mask, row_visible=row_visible)
-            return None
+            rows = row_visible[:, 0, :, 0] > 0  # (batch, text_len)
+            self._prefill = prefill = _Prefill(states, mask, row_visible, self._rule_rows(rows))
+            if not self.late_rows_see_kept or "image_turn" not in prefill.rule_rows:
+                return None
+            past_image = (self._input_ids.to(rows.device) == self.image_token_id).cumsum(dim=1) > 0
+            prefill.late_rows = rows & past_image & ~prefill.rule_rows["image_turn"]
+            prefill.scoring_mask = mask.clone()  # the adapter's own: the selection hides dropped columns in late rows
+            kwargs["cross_attention_mask"] = prefill.scoring_mask
+            return args, kwargs
         if self.plan is None:
             raise MissingImageError(
                 "a decode step reached the trimmed model with image keys in its cache but no trimming plan "
@@ -281,25 +337,39 @@ class MllamaAdapter(Adapter):
     def _capture_key(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         if self._prefill is not None:
             self._prefill.key = output  # (batch, kv_heads, image_tokens, head_dim)
+            self._select(self._prefill)
+
+    def _select(self, prefill: _Prefill) -> None:
+        """Score and select once q and k exist, before the scoring layer's attention; release q and k."""
+        tokens = self._image_tokens(prefill)
+        keep = self.method.select(tokens)
+        mllama_facts.check_keep_mask(self.method, keep, tokens.valid)
+        prefill.keep, prefill.extra = keep, self.method.extra_tokens(tokens, keep)
+        prefill.valid = tokens.num_valid.tolist()
+        prefill.query = prefill.key = None  # with `tokens`, the last references to the captured q/k and the scores
+        if prefill.late_rows is not None:
+            self._blind_rows = _hide_dropped_columns(prefill.scoring_mask, prefill.late_rows, keep)
+
+    def _after_scoring_attention(self, module: nn.Module, args: tuple, output):
+        blind, self._blind_rows = self._blind_rows, None
+        if blind is None or not blind.any():
+            return None
+        return (output[0].masked_fill(blind[:, :, None].to(output[0].device), 0), *output[1:])
 
     def _after_scoring_layer(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         prefill, self._prefill = self._prefill, None
         if prefill is None:
             return
-        tokens = self._image_tokens(prefill)
-        keep = self.method.select(tokens)
-        mllama_facts.check_keep_mask(self.method, keep, tokens.valid)
-        extra = self.method.extra_tokens(tokens, keep)
-        valid = tokens.num_valid.tolist()
+        if prefill.keep is None:
+            raise ShapeMismatchError("the scoring layer ran without its q_norm/k_norm; unsupported Mllama variant")
         states, mask, row_visible = prefill.states, prefill.mask, prefill.row_visible
-        del tokens, prefill  # the captured q/k and the scores: released before the kept features are gathered
-        self.plan = TrimPlan.from_keep(keep, mask, row_visible, extra)
+        self.plan = TrimPlan.from_keep(prefill.keep, mask, row_visible, prefill.extra)
         self._trimmed_states = self.plan.gather_states(states)
         self._step_mask = self.plan.column_mask(mask, row_visible)
         if self.trim_scoring_layer:
             self._compact_scoring_cache(kwargs.get(_CACHE_ARGUMENT))
         self.kept = self.plan.kept_indices()
-        self._record_stats(valid)
+        self._record_stats(prefill.valid)
 
     def _before_trimmed_layer(self, module: nn.Module, args: tuple, kwargs: dict):
         device = args[0].device if args else kwargs["hidden_states"].device
@@ -340,16 +410,27 @@ class MllamaAdapter(Adapter):
         rows = prefill.row_visible[:, 0, :, 0] > 0  # (batch, text_len)
         scoring = (prefill.query, prefill.key, prefill.mask, rows, float(self.attention.scaling))
         buffer = {"buffer_bytes": self.scoring_buffer_bytes}
-        turn_rows = None
-        if self.turn_opener is not None and self._input_ids is not None and self._input_ids.shape[1] == rows.shape[1]:
-            turn_rows = last_turn_rows(self._input_ids.to(rows.device), self.turn_opener)
         return ImageTokens(
             features=prefill.states,
             valid=visible_tokens(prefill.mask, rows, self.scoring_buffer_bytes),
             layout=self._layout,
-            attention=partial(_row_attention, *scoring, turn_rows=turn_rows, **buffer),
+            attention=partial(_row_attention, *scoring, rule_rows=prefill.rule_rows, **buffer),
             last_row_attention=partial(_last_row_attention, *scoring, **buffer),
         )
+
+    def _rule_rows(self, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(batch, text_len) bool per row rule whose marker is known, read off the prefill's input_ids (none without
+        them). rows: (batch, text_len), for the shape and device."""
+        ids = self._input_ids
+        if ids is None or ids.shape != rows.shape:
+            return {}
+        ids = ids.to(rows.device)
+        found = {}
+        if "last_turn" in self.turn_markers:
+            found["last_turn"] = last_turn_rows(ids, self.turn_markers["last_turn"])
+        if "image_turn" in self.turn_markers:
+            found["image_turn"] = image_turn_rows(ids, self.image_token_id, self.turn_markers["image_turn"])
+        return found
 
     def _bytes_per_token(self) -> int:
         return self.cache_bytes_per_token(self.model)

@@ -1,8 +1,8 @@
 """Facts of the Mllama architecture, read off its configs and inputs: the one home of each, shared by the Hugging Face
 adapter (`adapters/mllama.py`) and SGLang's Mllama (`integrations/sglang/model.py`).
 
-Nothing here touches a model's modules or imports an engine: which layer scores, which layers are trimmed, how many
-tokens a tile has, which tiles are real, and what a method's keep-mask must look like.
+Nothing here touches a model's modules or imports an engine: which layer scores, which layers are trimmed, which id
+the image token has, how many tokens a tile has, which tiles are real, and what a method's keep-mask must look like.
 """
 
 from __future__ import annotations
@@ -30,6 +30,11 @@ def scoring_and_trimmed_layers(text_config) -> tuple[int, list[int]]:
             f"this model has {len(layers)}"
         )
     return layers[0], layers[1:]
+
+
+def image_token_id(config) -> int:
+    """The id of the `<|image|>` token in the prompt's input_ids (`MllamaConfig.image_token_index`)."""
+    return int(config.image_token_index)
 
 
 def tokens_per_tile(vision_config) -> int:

@@ -8,11 +8,13 @@ from pathlib import Path
 
 from ..errors import TrimllamaError
 from ..loading import prompt_text
-from .options import CommandError, add_model_options, load_model, progress_bar
+from .options import CommandError, add_model_options, add_param_option, load_model, params_from_args, progress_bar
 
 DEFAULT_SETTINGS = "0.02,0.05,0.1,0.25"
 CONVERSATION_SETTINGS = "0.05,0.08"
-DEFAULT_METHODS = "headwise_topk,random,uniform_stride,tile_balanced,mean_heads_topk,last_token,class_token,feature_norm,attention_mass"
+DEFAULT_METHODS = (
+    "headwise_topk,random,uniform_stride,tile_balanced,mean_heads_topk,last_token,class_token,feature_norm,attention_mass:mass"
+)
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -25,13 +27,19 @@ def register(subparsers) -> argparse.ArgumentParser:
         "and a PNG (accuracy against kept fraction, one panel per question type).",
     )
     add_model_options(parser)
-    parser.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated registered method names")
+    parser.add_argument(
+        "--methods",
+        default=DEFAULT_METHODS,
+        help="comma-separated registered method names; NAME sweeps head_k (headwise_topk's per-head k, the ratio of "
+        "the others, as --head-k everywhere), NAME:SETTING sweeps that setting (e.g. attention_mass:mass)",
+    )
     parser.add_argument(
         "--settings",
         default=None,
-        help="comma-separated values of each method's first setting (head_k / ratio / mass); default "
+        help="comma-separated values of the swept setting; default "
         f"{DEFAULT_SETTINGS} ({CONVERSATION_SETTINGS} with --conversations: about 13%% and 25%% kept)",
     )
+    add_param_option(parser.add_argument_group("trimming"), example="query_rows=image_turn")
     parser.add_argument("--merge-remainder", action="store_true", help="also evaluate each arm with MergeRemainder")
     parser.add_argument("--no-matched-random", action="store_true", help="skip the count-matched random arms")
     parser.add_argument(
@@ -43,7 +51,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "--conversations",
         action="store_true",
         help="two-turn conversations instead (second question about another object): second-turn accuracy per type "
-        "for untrimmed, floor, headwise_topk with query_rows all / last_turn, the reused first-turn kept set, "
+        "for untrimmed, floor, headwise_topk with query_rows all / last_turn / image_turn, the reused first-turn kept set, "
         "their remainder variants and count-matched random, at each --settings head_k (--methods is not used)",
     )
     parser.add_argument(
@@ -86,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
             args.merge_remainder,
             not args.no_matched_random,
             args.least_attended,
+            params_from_args(args.param),
         )
     except (TrimllamaError, ValueError) as error:
         raise CommandError(str(error)) from None
@@ -130,7 +139,10 @@ def run_conversations(args: argparse.Namespace) -> int:
         raise CommandError("--shuffle-images and --least-attended do not apply to --conversations")
     try:
         arms = conversations.build_conversation_arms(
-            _parse_settings(args.settings or CONVERSATION_SETTINGS), remainder=True, matched_random=not args.no_matched_random
+            _parse_settings(args.settings or CONVERSATION_SETTINGS),
+            remainder=True,
+            matched_random=not args.no_matched_random,
+            params=params_from_args(args.param),
         )
     except (TrimllamaError, ValueError) as error:
         raise CommandError(str(error)) from None

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import loading
 from ..errors import TrimllamaError
 from ..loading import DTYPES, first_line
-from ..methods import SelectionMethod, build_method
+from ..methods import SelectionMethod, method_from_settings
 
 SETTING_FLAGS = {
     "head_k": "--head-k",
@@ -26,6 +26,7 @@ SETTING_FLAGS = {
     "dtype": "--dtype",
     "chat_template": "--chat-template",
 }
+OPTION_SETTINGS = ("method", "head_k", "budget", "merge_remainder")  # settings that have an option of their own
 
 
 def progress_enabled(args: argparse.Namespace) -> bool:
@@ -98,13 +99,7 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str = "h
         help="keep exactly N image tokens per sample; headwise_topk ranks its per-head union (--head-k) and cuts or "
         "fills it to N, methods whose budget replaces --head-k refuse both",
     )
-    group.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other setting of the method, e.g. --param seed=3 (repeatable; VALUE is read as JSON)",
-    )
+    add_param_option(group)
     group.add_argument(
         "--merge-remainder",
         action="store_true",
@@ -112,6 +107,18 @@ def add_method_options(parser: argparse.ArgumentParser, default_method: str = "h
     )
     group.add_argument(
         "--trim-scoring-layer", action="store_true", help="also compact the first cross-attention layer's cache"
+    )
+
+
+def add_param_option(group, example: str = "seed=3") -> None:
+    """`--param KEY=VALUE`: any other setting of the method (`loose_settings` reads it)."""
+    group.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"any other setting of the method, e.g. --param {example} (repeatable; VALUE is read as JSON); "
+        "a setting that has its own option is given once, by either",
     )
 
 
@@ -129,18 +136,24 @@ def params_from_args(items: list[str]) -> dict:
     return settings
 
 
+def loose_settings(args: argparse.Namespace) -> dict:
+    """The method settings the options give: those of `OPTION_SETTINGS` the command has and sets, and every
+    `--param`. A setting given by its option and by a `--param` is refused (no precedence between the two)."""
+    given = {key: getattr(args, key, None) for key in OPTION_SETTINGS}
+    given = {key: value for key, value in given.items() if value is not None and value is not False}  # 0 is given
+    params = params_from_args(args.param)
+    for key in params:
+        if key in given:  # --method always is: it has a default
+            raise CommandError(f"--param {key} and {SETTING_FLAGS[key]} set the same setting: give it once")
+    given.pop("method", None)  # named apart from the settings
+    return {**given, **params}
+
+
 def method_from_args(args: argparse.Namespace, image_tokens: int | None = None) -> SelectionMethod | None:
-    """The selection method the options describe (`trimllama.build_method`), or None for `--method none`."""
-    settings = params_from_args(args.param)
+    """The selection method the options describe (`trimllama.method_from_settings`), or None for `--method none`."""
+    settings = loose_settings(args)
     try:
-        method = build_method(
-            args.method,
-            head_k=args.head_k,
-            budget=args.budget,
-            merge_remainder=args.merge_remainder,
-            image_tokens=image_tokens,
-            **settings,
-        )
+        method = method_from_settings(args.method, settings, image_tokens)
     except TrimllamaError as error:
         raise CommandError(flag_message(error)) from None
     if method is None and args.trim_scoring_layer:

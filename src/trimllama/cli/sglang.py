@@ -23,8 +23,9 @@ from ..integrations.sglang.settings import (
 )
 from .options import (
     CommandError,
+    add_param_option,
     flag_message,
-    params_from_args,
+    loose_settings,
     parse_count_or_fraction,
 )
 
@@ -61,14 +62,10 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help="headwise_topk's per-head count or fraction, whose union is then cut or filled to --budget",
     )
-    group.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any other setting of the method, e.g. --param reduce=max, or --param query_rows=all to score every "
-        "prompt row (default in the engine: image_turn, the rows of the image's own user message) "
-        "(repeatable; VALUE is read as JSON)",
+    add_param_option(
+        group,
+        example="reduce=max, or --param query_rows=all to score every prompt row (default in the engine: "
+        "image_turn, the rows of the image's own user message)",
     )
     group.add_argument(
         "--shared-pool",
@@ -82,10 +79,9 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def engine_settings(args: argparse.Namespace) -> EngineSettings:
     """The settings the options describe, checked as the engine will build them."""
-    loose = {"head_k": args.head_k, "budget": args.budget, **params_from_args(args.param)}
     settings = EngineSettings(
         method=args.method,
-        settings={key: value for key, value in loose.items() if value is not None},
+        settings=loose_settings(args),
         layout="shared" if args.shared_pool else "image_pool",
     )
     try:

@@ -12,12 +12,12 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
 from ..handle import trim
-from ..methods import METHODS, Floor, MergeRemainder, RandomSelect, SelectionMethod
+from ..methods import METHODS, Floor, MergeRemainder, RandomSelect, SelectionMethod, method_from_settings
 
 UNTRIMMED, FLOOR = "untrimmed", "floor"
 
@@ -52,10 +52,7 @@ class ArmResult:
     answers: list[str] = field(default_factory=list, repr=False)
 
 
-def sweep_parameter(cls: type[SelectionMethod]) -> str | None:
-    """The setting a method is swept over: its first dataclass field (head_k, ratio, mass), if any."""
-    fields = dataclasses.fields(cls)
-    return fields[0].name if fields else None
+SWEPT_BY_DEFAULT = "head_k"  # HeadwiseTopK's per-head k, the `ratio` of the ratio methods (`build_method`)
 
 
 def build_arms(
@@ -64,36 +61,48 @@ def build_arms(
     merge_remainder: bool = False,
     matched_random: bool = True,
     least_attended: bool = False,
+    params: Mapping[str, object] | None = None,
 ) -> list[Arm]:
-    """References first, then each method at each setting.
+    """References first, then each method at each setting, built by `method_from_settings` as in every front-end.
 
     Args:
-        methods: registered method names; references (floor, keep_all) and wrappers are not swept.
-        settings: values of each method's sweep parameter (a fraction, or a count if an int; for
-            attention_mass the attention mass). Each point is plotted at the kept fraction it measures.
+        methods: registered method names, each `NAME` (sweeps `head_k`: HeadwiseTopK's per-head k, the `ratio` of
+            random, uniform_stride, ...) or `NAME:SETTING` (sweeps that setting, e.g. `attention_mass:mass`).
+        settings: the swept values (a fraction, or a count if an int). Each point is plotted at the kept fraction
+            it measures.
         merge_remainder: also a `MergeRemainder` arm next to every method arm.
         matched_random: next to every headwise_topk arm, a random arm keeping the same per-sample counts.
         least_attended: next to every headwise_topk arm, the same per-head k of each head's *least* attended
             tokens (`order="least"`), the paper's feature-order control: it should fall to random or below.
+        params: settings every method arm gets (e.g. `query_rows="image_turn"`), as `--param` gives them.
+
+    Raises:
+        TrimllamaError: a method or setting `method_from_settings` refuses (a reference such as floor, which takes
+            no setting, is not a curve); ValueError: a swept setting also in `params`, or a wrapper as a curve.
     """
+    params = dict(params or {})
     arms = [Arm(UNTRIMMED, None, None), Arm(FLOOR, None, Floor())]
-    for name in methods:
-        cls = METHODS[name]
-        parameter = sweep_parameter(cls)
-        if parameter is None or cls is MergeRemainder:
-            raise ValueError(f"method {cls.name} has no setting to sweep; it is not a curve")
+    for spec in methods:
+        name, _, swept = spec.partition(":")
+        swept = swept or SWEPT_BY_DEFAULT
+        if swept in params or (least_attended and "order" in params):
+            raise ValueError(f"{swept if swept in params else 'order'} is set by the sweep; it is not also a --param")
+        if METHODS.get(name) is MergeRemainder:
+            raise ValueError("merge_remainder is a wrapper, not a curve: give --merge-remainder")
         for setting in settings:
-            method = cls(**{parameter: setting})
-            arms.append(Arm(cls.name, setting, method))
+            method = method_from_settings(name, {**params, swept: setting})
+            if method is None:
+                raise ValueError("none is the untrimmed reference, evaluated in every run; it is not a curve")
+            arms.append(Arm(method.name, setting, method))
             if merge_remainder:
-                arms.append(Arm(f"{cls.name} + remainder", setting, MergeRemainder(method)))
-            if matched_random and cls.name == "headwise_topk":
+                arms.append(Arm(f"{method.name} + remainder", setting, MergeRemainder(method)))
+            if matched_random and method.name == "headwise_topk":
                 arms.append(Arm("random (count-matched)", setting, RandomSelect(like=method)))
                 if merge_remainder:
                     arms.append(Arm("random (count-matched) + remainder", setting, MergeRemainder(RandomSelect(like=method))))
-            if least_attended and cls.name == "headwise_topk":
-                least = cls(**{parameter: setting}, order="least")
-                arms.append(Arm(f"{cls.name} (least attended)", setting, least))
+            if least_attended and method.name == "headwise_topk":
+                least = method_from_settings(name, {**params, swept: setting, "order": "least"})
+                arms.append(Arm(f"{method.name} (least attended)", setting, least))
                 if matched_random:  # the union of least attended sets is larger: compare at its own counts too
                     arms.append(Arm("random (matched to least attended)", setting, RandomSelect(like=least)))
     return arms

@@ -6,6 +6,9 @@ with the model's own first answer in it. An arm trims both turns with its method
 
 - `reused kept set`: the first turn selects (HeadwiseTopK, all rows) and the second turn keeps exactly the
   first turn's kept tokens: what a reused, already-trimmed prefix cache (e.g. a radix cache) would give.
+- `image turn` (`query_rows="image_turn"`): only the rows of the user message that holds the image score, so the
+  second turn keeps what the first kept, chosen without the generation prompt: the rule an engine's prefix cache
+  can reuse.
 - `untrimmed` and `floor` (later cross-attention layers see no image token) are the references.
 """
 
@@ -15,7 +18,7 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -23,11 +26,11 @@ from ..handle import trim
 from ..loading import chat_text
 from ..methods import (
     Floor,
-    HeadwiseTopK,
     ImageTokens,
     MergeRemainder,
     RandomSelect,
     SelectionMethod,
+    method_from_settings,
 )
 from .evaluate import FLOOR, UNTRIMMED
 
@@ -79,25 +82,39 @@ class ConversationResult:
     answers: list[str] = field(default_factory=list, repr=False)
 
 
-def build_conversation_arms(settings: Sequence[float | int], remainder: bool = True, matched_random: bool = True) -> list[ConversationArm]:
-    """References, then at each head_k: HeadwiseTopK on all rows, on the last turn, the reused first-turn set,
-    the remainder variants and random matched to the all-rows counts."""
+ROW_RULES = {"all rows": "all", "last turn": "last_turn", "image turn": "image_turn"}  # curve name -> query_rows
+
+
+def build_conversation_arms(
+    settings: Sequence[float | int],
+    remainder: bool = True,
+    matched_random: bool = True,
+    params: Mapping[str, object] | None = None,
+) -> list[ConversationArm]:
+    """References, then at each head_k: HeadwiseTopK with each `query_rows` (all rows, the last turn, the image's
+    turn), the reused first-turn set, the remainder variants and random matched to the all-rows counts.
+
+    params: settings every HeadwiseTopK arm gets (`method_from_settings`); not head_k or query_rows, which the arms set.
+    """
+    params = dict(params or {})
+    for key in ("head_k", "query_rows"):
+        if key in params:
+            raise ValueError(f"{key} is set by the conversation arms; it is not also a --param")
     arms = [ConversationArm(UNTRIMMED, None, None), ConversationArm(FLOOR, None, Floor())]
     for setting in settings:
-        all_rows = HeadwiseTopK(head_k=setting)
-        last_turn = HeadwiseTopK(head_k=setting, query_rows="last_turn")
-        arms += [
-            ConversationArm("headwise_topk (all rows)", setting, all_rows),
-            ConversationArm("headwise_topk (last turn)", setting, last_turn),
-            ConversationArm(REUSED, setting, all_rows, reuse=True),
-        ]
+        by_rows = {
+            curve: method_from_settings("headwise_topk", {**params, "head_k": setting, "query_rows": rows})
+            for curve, rows in ROW_RULES.items()
+        }
+        arms += [ConversationArm(f"headwise_topk ({curve})", setting, method) for curve, method in by_rows.items()]
+        arms.append(ConversationArm(REUSED, setting, by_rows["all rows"], reuse=True))
         if remainder:
             arms += [
-                ConversationArm("headwise_topk (all rows) + remainder", setting, MergeRemainder(all_rows)),
-                ConversationArm("headwise_topk (last turn) + remainder", setting, MergeRemainder(last_turn)),
+                ConversationArm(f"headwise_topk ({curve}) + remainder", setting, MergeRemainder(method))
+                for curve, method in by_rows.items()
             ]
         if matched_random:
-            arms.append(ConversationArm("random (count-matched)", setting, RandomSelect(like=all_rows)))
+            arms.append(ConversationArm("random (count-matched)", setting, RandomSelect(like=by_rows["all rows"])))
     return arms
 
 

@@ -53,11 +53,13 @@ def build_method(
     budget: int | None = None,
     merge_remainder: bool = False,
     like: str | None = None,
+    **settings,
 ) -> SelectionMethod | None:
-    """The selection method the model arguments describe (`trimllama.build_method`), or None for the untrimmed
-    model; its errors become lmms-eval's `ValueError`s."""
+    """The selection method the model arguments describe (`trimllama.method_from_settings`), or None for the
+    untrimmed model; its errors become lmms-eval's `ValueError`s. `settings`: any other setting of the method."""
+    loose = dict(settings, head_k=head_k, budget=budget, merge_remainder=merge_remainder, like=like)
     try:
-        return methods.build_method(method, head_k=head_k, budget=budget, merge_remainder=merge_remainder, like=like)
+        return methods.method_from_settings(method, loose)
     except TrimllamaError as error:
         raise ValueError(f"trimllama: {error}") from None
 
@@ -175,6 +177,7 @@ class TrimmedLlamaVision(lmms):
         merge_remainder: wrap the method in `MergeRemainder` (one remainder token per tile).
         like: with method=random, keep as many tokens per request as this method (configured by head_k /
             budget) keeps: the count-matched random baseline of `trimllama eval`.
+        any other setting of the method (`trimllama methods`), e.g. `query_rows=image_turn`, `seed=3`.
         trim_scoring_layer: also compact the first cross-attention layer's cache.
         dtype: "auto" (bfloat16 on GPU, float32 on CPU), "bfloat16", "float16" or "float32".
         device_map: passed to `from_pretrained` ("auto" spreads one model over the visible GPUs);
@@ -211,10 +214,15 @@ class TrimmedLlamaVision(lmms):
         **unknown,
     ) -> None:
         super().__init__()
+        settings = {key: value for key, value in unknown.items() if key in methods.setting_names() | set(methods.RESERVED)}
+        unknown = {key: value for key, value in unknown.items() if key not in settings}
         if unknown:
             accepted = ", ".join(name for name in inspect.signature(TrimmedLlamaVision).parameters if name != "unknown")
-            raise ValueError(f"trimllama: unknown model argument(s) {', '.join(unknown)}; accepted: {accepted}")
-        self.method = build_method(str(method), head_k, budget, bool(merge_remainder), like)
+            raise ValueError(
+                f"trimllama: unknown model argument(s) {', '.join(unknown)}; accepted: {accepted}, "
+                "and any setting of the method"
+            )
+        self.method = build_method(str(method), head_k, budget, bool(merge_remainder), like, **settings)
         self.trim_scoring_layer = bool(trim_scoring_layer)
         self.batch_size_per_gpu = _positive_int("batch_size", batch_size)
         self.max_new_tokens = _positive_int("max_new_tokens", max_new_tokens)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..errors import UnknownMethodError
 from .attention_mass import AttentionMass
 from .base import ExtraTokens, ImageTokens, SelectionMethod
-from .build import build_method, check_fits_image
+from .build import RESERVED, build_method, check_fits_image, method_from_settings, setting_names
 from .class_token import ClassTokenAttention
 from .feature_norm import FeatureNorm
 from .floor import Floor
@@ -103,4 +103,7 @@ __all__ = [
     "build_method",
     "check_fits_image",
     "get_method",
+    "method_from_settings",
+    "setting_names",
+    "RESERVED",
 ]

@@ -24,7 +24,7 @@ class ImageTokens:
         layout: (images, tiles, patches) of the flattened image-token axis; patch 0 of a tile is its class token.
         attention: callable `(reduce, query_rows) -> (batch, heads, image_tokens)`, the scoring layer's per-head
             attention of the text rows that see an image, aggregated over rows with `reduce` ("sum" or "max");
-            `query_rows` "all" takes every such row, "last_turn" only those of the last user message.
+            `query_rows` (`AttentionScored.query_rows`) says which rows score.
         last_row_attention: callable `() -> (batch, heads, image_tokens)`, attention of each sample's last
             text row that sees an image.
     """
@@ -90,6 +90,9 @@ class SelectionMethod:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        """Validate the settings; subclasses extend it (and call `super().__post_init__()`)."""
+
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         """Return the (batch, image_tokens) bool keep-mask for this prefill."""
         raise NotImplementedError
@@ -101,7 +104,8 @@ class SelectionMethod:
     @property
     def parameters(self) -> dict:
         """The method's settings, as given to its constructor."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        ordered = sorted(dataclasses.fields(self), key=lambda f: f.kw_only)  # keyword-only settings last
+        return {f.name: getattr(self, f.name) for f in ordered}
 
     def label(self) -> str:
         """Short human-readable label, e.g. `headwise_topk(head_k=0.25)`."""
@@ -116,6 +120,7 @@ class RatioMethod(SelectionMethod):
     ratio: int | float = 0.25
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_count_or_fraction("ratio", self.ratio)
 
 
@@ -131,24 +136,48 @@ def check_count_or_fraction(name: str, value: int | float, allow_zero: bool = Fa
         raise InvalidSettingError(f"{name}={value} is out of range: a token count must be >= {low}")
 
 
-QUERY_ROWS = ("all", "last_turn", "image_turn")  # which text rows score
+# which text rows score: every row that sees an image, the last user message's, or the image's own user message's
+QUERY_ROWS = ("all", "last_turn", "image_turn")
 
 
-def check_query_rows(query_rows: str) -> None:
-    """Validate the `query_rows` setting of an attention-based method."""
-    if query_rows not in QUERY_ROWS:
-        raise InvalidSettingError(
-            f"query_rows must be one of {', '.join(QUERY_ROWS)}, got {query_rows!r}", setting="query_rows"
-        )
+@dataclass
+class AttentionScored(SelectionMethod):
+    """Base of the methods that rank by the scoring layer's attention: which text rows score.
+
+    Attributes:
+        query_rows: "all" (every row that sees an image, the paper's rule), "last_turn" (only the last user
+            message and what follows it) or "image_turn" (only the rows of the user message that holds each row's
+            latest image, so later turns of a conversation never change the kept set). "last_turn" and
+            "image_turn" read the chat template's turn markers: they need `trim(..., tokenizer=...)`.
+    """
+
+    query_rows: str = field(default="all", kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.query_rows not in QUERY_ROWS:
+            raise InvalidSettingError(
+                f"query_rows must be one of {', '.join(QUERY_ROWS)}, got {self.query_rows!r}", setting="query_rows"
+            )
+
+
+def nested_methods(method: SelectionMethod | None) -> list[SelectionMethod]:
+    """`method` and the methods it wraps (MergeRemainder's `method`, RandomSelect's `like`); [] for None."""
+    found = []
+    while isinstance(method, SelectionMethod):
+        found.append(method)
+        method = getattr(method, "method", None) or getattr(method, "like", None)
+    return found
+
+
+def query_rows_of(method: SelectionMethod | None) -> set[str]:
+    """The `query_rows` values of `method` and of the methods it wraps."""
+    return {inner.query_rows for inner in nested_methods(method) if isinstance(inner, AttentionScored)}
 
 
 def scores_last_turn(method: SelectionMethod | None) -> bool:
     """Whether `method`, or a method it wraps, scores only the last user message (`query_rows="last_turn"`)."""
-    while isinstance(method, SelectionMethod):
-        if getattr(method, "query_rows", "all") == "last_turn":
-            return True
-        method = getattr(method, "method", None) or getattr(method, "like", None)
-    return False
+    return "last_turn" in query_rows_of(method)
 
 
 def check_budget(budget: int | None) -> None:

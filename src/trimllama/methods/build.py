@@ -14,6 +14,11 @@ The one place that knows the loose spellings every front-end accepts:
 - `image_tokens`: the non-padding image tokens of the input, if known; an int count larger than that is refused
   (`check_fits_image`).
 
+`method_from_settings(name, settings, image_tokens)` is what a front-end calls with the loose settings it collected in
+one mapping (the CLI's options and `--param`s, a request's `trim` object, lmms-eval's model arguments): names that are
+not settings (`RESERVED`: `name`, `method`, `image_tokens`) are refused there, as `build_method` refuses `name` and
+`method` among its own keywords.
+
 Every refusal is a named error (`UnknownMethodError`, `InvalidSettingError` with `.setting`), one message text;
 each front-end only maps it to its own form.
 """
@@ -21,19 +26,50 @@ each front-end only maps it to its own form.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 from ..errors import InvalidSettingError, UnknownMethodError
-from .base import SelectionMethod
+from .base import SelectionMethod, nested_methods
 from .merge_remainder import MergeRemainder
 from .random_select import RandomSelect
 
 UNTRIMMED_NAMES = ("none", "untrimmed")
 DEFAULT_INNER = "headwise_topk"  # what `merge_remainder` wraps when no inner method is named
 COUNT_SETTINGS = ("head_k", "ratio", "budget")  # settings that may be an int count of image tokens
+RESERVED = {  # names a front-end may be given as settings that are none: why each is not one
+    "name": "the method is named apart from its settings",
+    "method": "the method is named apart from its settings",
+    "image_tokens": "the input's image tokens are counted from the input",
+}
+
+
+def setting_names() -> set[str]:
+    """Every name `build_method` may take as a setting of some registered method (loose spellings included)."""
+    from . import METHODS
+
+    fields = {field.name for cls in METHODS.values() for field in dataclasses.fields(cls)}
+    return fields | {"head_k", "merge_remainder", "like"}
+
+
+def method_from_settings(
+    name: str | None, settings: Mapping[str, object], image_tokens: int | None = None
+) -> SelectionMethod | None:
+    """`build_method(name, image_tokens=image_tokens, **settings)` for loose settings collected in one mapping,
+    whose keys may be any text: a name in `RESERVED` is one `InvalidSettingError` instead of a clash with
+    `build_method`'s own arguments."""
+    _refuse_reserved(settings)
+    return build_method(name, image_tokens=image_tokens, **settings)
+
+
+def _refuse_reserved(settings: Mapping[str, object]) -> None:
+    for key in settings:
+        if key in RESERVED:
+            raise InvalidSettingError(f"{key} is not a method setting: {RESERVED[key]}", setting=key)
 
 
 def build_method(
     name: str | None = "headwise_topk",
+    /,
     *,
     merge_remainder: bool = False,
     like: str | SelectionMethod | None = None,
@@ -48,7 +84,8 @@ def build_method(
         merge_remainder: wrap the method in `MergeRemainder`.
         like: random only; the name (or instance) of the method whose per-sample kept counts to match.
         image_tokens: non-padding image tokens of the input, for the range check of int counts.
-        **settings: `head_k`, `budget` and any field of the method; None values count as not given.
+        **settings: `head_k`, `budget` and any field of the method; None values count as not given. `name` and
+            `method` are refused (`RESERVED`).
 
     Raises:
         UnknownMethodError: `name` (or `like`) is not registered.
@@ -57,6 +94,10 @@ def build_method(
     """
     from . import METHODS
 
+    _refuse_reserved(settings)
+    merge_remainder = False if merge_remainder is None else merge_remainder
+    if not isinstance(merge_remainder, bool):
+        raise InvalidSettingError(f"merge_remainder expects bool, got {merge_remainder!r}", setting="merge_remainder")
     settings = {key: value for key, value in settings.items() if value is not None}
     name = "none" if name is None else str(name)
     if name.lower() in UNTRIMMED_NAMES:
@@ -86,7 +127,7 @@ def build_method(
 
 def check_fits_image(method: SelectionMethod | None, image_tokens: int) -> None:
     """Refuse an int count (head_k, ratio, budget; wrapped methods too) larger than the input's image tokens."""
-    for inner in _nested(method):
+    for inner in nested_methods(method):
         for name in COUNT_SETTINGS:
             value = getattr(inner, name, None)
             if isinstance(value, int) and not isinstance(value, bool) and value > image_tokens:
@@ -94,15 +135,6 @@ def check_fits_image(method: SelectionMethod | None, image_tokens: int) -> None:
                     f"{name} {value} is out of range: the image(s) have {image_tokens} image tokens in real tiles",
                     setting=name,
                 )
-
-
-def _nested(method: SelectionMethod | None) -> list[SelectionMethod]:
-    """`method` and the methods it wraps (MergeRemainder's `method`, RandomSelect's `like`)."""
-    found = []
-    while isinstance(method, SelectionMethod):
-        found.append(method)
-        method = getattr(method, "method", None) or getattr(method, "like", None)
-    return found
 
 
 def _count_matched(cls: type[SelectionMethod], like: str | SelectionMethod, settings: dict) -> SelectionMethod:

@@ -8,20 +8,13 @@ import torch
 
 from ..errors import InvalidSettingError
 from ..selection import counts_from_setting, fill_to_budget, headwise_union
-from .base import (
-    ImageTokens,
-    SelectionMethod,
-    budget_counts,
-    check_budget,
-    check_count_or_fraction,
-    check_query_rows,
-)
+from .base import AttentionScored, ImageTokens, budget_counts, check_budget, check_count_or_fraction
 
 ORDERS = ("most", "least")  # which end of each head's attention ranking is kept
 
 
 @dataclass
-class HeadwiseTopK(SelectionMethod):
+class HeadwiseTopK(AttentionScored):
     """Each query head keeps its `head_k` most attended image tokens; the union over heads is kept.
 
     Args:
@@ -30,8 +23,7 @@ class HeadwiseTopK(SelectionMethod):
         budget: if set, exactly this many tokens per sample: the union ranked by head-summed score,
             filled up from the other tokens by the same score when the union is smaller.
         reduce: how a head's attention is aggregated over text rows, "sum" or "max".
-        query_rows: which text rows score: "all" (every row that sees an image, the paper's rule) or "last_turn"
-            (only the last user message and what follows it; needs `trim(..., tokenizer=...)`).
+        query_rows: which text rows score (keyword only, `AttentionScored`).
         order: "most" keeps each head's most attended tokens (the method); "least" its least attended ones, the
             paper's feature-order control, which should fall to random or below.
     """
@@ -42,15 +34,14 @@ class HeadwiseTopK(SelectionMethod):
     head_k: int | float = 0.25
     budget: int | None = None
     reduce: str = "sum"
-    query_rows: str = "all"
     order: str = "most"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         check_count_or_fraction("head_k", self.head_k)
         check_budget(self.budget)
         if self.reduce not in ("sum", "max"):
             raise InvalidSettingError(f"reduce must be 'sum' or 'max', got {self.reduce!r}")
-        check_query_rows(self.query_rows)
         if self.order not in ORDERS:
             raise InvalidSettingError(f"order must be one of {', '.join(ORDERS)}, got {self.order!r}", setting="order")
 

@@ -7,21 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from ..selection import counts_from_setting, top_count
-from .base import ImageTokens, RatioMethod, check_query_rows
+from .base import AttentionScored, ImageTokens, RatioMethod
 
 
 @dataclass
-class MeanHeadsTopK(RatioMethod):
+class MeanHeadsTopK(RatioMethod, AttentionScored):
     """Keep the `ratio` most attended tokens of the head-averaged attention (heads do not vote separately)."""
 
     name = "mean_heads_topk"
     description = "ablation: top-k of the head-averaged attention instead of the union of per-head top-k"
-
-    query_rows: str = "all"  # "all" rows that see an image score, or only the "last_turn"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_query_rows(self.query_rows)
 
     def select(self, tokens: ImageTokens) -> torch.Tensor:
         scores = tokens.head_attention("sum", self.query_rows).mean(dim=1)  # (batch, image_tokens)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from ..adapters import adapter_for
 from ..errors import TrimllamaError, UnknownMethodError
-from ..methods import SelectionMethod, build_method, check_fits_image
-from ..methods.base import scores_last_turn
-from ..turns import user_turn_opener
+from ..methods import SelectionMethod, check_fits_image, method_from_settings
+from ..methods.base import query_rows_of
+from ..turns import turn_markers
 from .errors import APIError, invalid
 from .schemas import TrimOptions
 
@@ -43,7 +43,7 @@ def resolve_trim(options: TrimOptions | None, default: TrimSetting) -> TrimSetti
     scoring = default.trim_scoring_layer if options.trim_scoring_layer is None else options.trim_scoring_layer
     settings = dict(options.model_extra or {}, head_k=options.head_k, budget=options.budget)
     try:
-        method = build_method(options.method, merge_remainder=options.merge_remainder, **settings)
+        method = method_from_settings(options.method, dict(settings, merge_remainder=options.merge_remainder))
     except TrimllamaError as error:
         raise trim_error(error) from None
     return TrimSetting(method, scoring and method is not None)
@@ -60,12 +60,10 @@ def check_fits(setting: TrimSetting, model, inputs: dict) -> None:
 
 
 def check_turns(setting: TrimSetting, processor) -> None:
-    """Refuse `query_rows="last_turn"` up front when the model's chat template marks no user turn (a 400, not a
-    failed batch)."""
-    if not scores_last_turn(setting.method):
-        return
+    """Refuse `query_rows="last_turn"` / `"image_turn"` up front when the model's chat template lacks the turn marker
+    it reads (a 400, not a failed batch)."""
     try:
-        user_turn_opener(processor)
+        turn_markers(processor, query_rows_of(setting.method))
     except TrimllamaError as error:
         raise trim_error(error) from None
 

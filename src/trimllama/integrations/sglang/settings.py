@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ...errors import InvalidSettingError
-from ...methods import MergeRemainder, SelectionMethod, build_method
+from ...methods import MergeRemainder, SelectionMethod, method_from_settings
 from ...methods.base import scores_last_turn
 from .layout import LAYOUTS
 
@@ -47,7 +47,7 @@ class EngineSettings:
         """
         if self.layout not in LAYOUTS:
             raise InvalidSettingError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}", setting="layout")
-        method = build_method(self.method, **self.settings)
+        method = method_from_settings(self.method, self.settings)
         if method is None:
             return None
         if isinstance(method, MergeRemainder):
