@@ -350,3 +350,24 @@ def test_image_turn_needs_the_chat_template(testbed):
     with pytest.raises(InvalidSettingError, match="query_rows=image_turn needs a tokenizer with a chat template"):
         trimllama.trim(model, "mean_heads_topk", query_rows="image_turn", tokenizer=make_tokenizer())
     assert not hasattr(model, "_trimllama_handle")
+
+
+def test_each_turn_of_a_conversation_extends_the_previous_prompt(testbed):
+    """The chat template renders an earlier turn's prompt (generation prompt included) as the start of the next
+    one, token for token: what lets a prefix cache hold a conversation. (The testbed's template once dropped the
+    space before an assistant reply's ` answer :`, merging it with a question's last word when no `?` ended it.)"""
+    _, processor = testbed
+    questions = ["what color is the square", "how many shapes are there", "is the circle left of the square"]
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": questions[0]}]}]
+    prompts = []
+    for answer, question in zip(["red", "3"], questions[1:]):
+        prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+        messages += [
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+            {"role": "user", "content": [{"type": "text", "text": question}]},
+        ]
+    prompts.append(processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    ids = [processor.tokenizer.encode(text, add_special_tokens=False) for text in prompts]
+    for earlier, later in zip(ids, ids[1:]):
+        assert later[: len(earlier)] == earlier
+    assert processor.tokenizer.unk_token_id not in ids[-1]

@@ -54,7 +54,7 @@ CHAT_TEMPLATE = (
     "<|begin_of_text|>question : "
     "{%- for c in message['content'] if c['type'] == 'text' %} {{ c['text'] | lower | trim }}{%- endfor -%}"
     "{%- endif -%}"
-    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- elif message['role'] == 'assistant' %}"
     " answer : "
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for c in message['content'] if c['type'] == 'text' -%}{{ c['text'] }}{%- endfor -%}"
