@@ -8,9 +8,9 @@ Three servers, one after the other, with the same `--max-total-tokens` (so the s
 logs: "KV Cache is allocated ... K size ... V size"): stock SGLang, `trimllama sglang --budget N --shared-pool` and
 `trimllama sglang --budget N` (the image pool). Each gets `--requests` image requests at once (one /generate batch),
 each with its own 4-tile image (no request reuses another's cached image K/V) and `--max-tokens` new tokens
-(ignore_eos), radix cache off. Reported from the engine's own figures: the pool, the slots of one request
-(`prompt_tokens`), and the peak number of requests running at once (SGLang's decode log, `#running-req`), with its
-ratio to stock; then the wall time of the burst. `--arithmetic` prints the bytes-per-image table of the 11B and 90B
+(ignore_eos; one burst per value), radix cache off. Reported from the engine's own figures: the pool and its logged
+size, the slots of one request (`prompt_tokens`), and the peak number of requests running at once (SGLang's decode
+log, `#running-req`), with its ratio to stock; then the wall time of the burst. `--arithmetic` prints the bytes-per-image table of the 11B and 90B
 for each layout (no server). Arguments after `--` go to every server. Run it alone (it starts servers).
 """
 
@@ -75,28 +75,31 @@ def running_peak(lines: list[str]) -> int:
 
 
 def measure(server: ServerProcess, args: argparse.Namespace, images: list[str]) -> dict:
+    """The pool, one request's slots, then one burst per `--max-tokens` value: peak running requests and seconds."""
     text = f"<|image|><|begin_of_text|>{args.question}"
     one = requests.post(f"{server.url}/generate", json={"text": text, "image_data": images[-1], "sampling_params": {"max_new_tokens": 1}}, timeout=600)
     one.raise_for_status()
-    start_line = len(server.log.read_text(errors="replace").splitlines())
-    body = {
-        "text": [text] * args.requests,
-        "image_data": images[: args.requests],
-        "sampling_params": {"temperature": 0, "max_new_tokens": args.max_tokens, "ignore_eos": True},
-    }
-    start = time.perf_counter()
-    response = requests.post(f"{server.url}/generate", json=body, timeout=3600)
-    elapsed = time.perf_counter() - start
-    response.raise_for_status()
-    log = server.log.read_text(errors="replace")
     info = requests.get(f"{server.url}/server_info", timeout=30).json()
-    return {
+    result = {
         "pool_slots": info.get("max_total_tokens"),
-        "kv_gb": kv_bytes(log),
+        "kv_gb_logged": kv_bytes(server.log.read_text(errors="replace")),
         "prompt_tokens": one.json()["meta_info"]["prompt_tokens"],
-        "peak_running_requests": running_peak(log.splitlines()[start_line:]),
-        "burst_seconds": elapsed,
+        "bursts": {},
     }
+    for new_tokens in args.max_tokens:
+        start_line = len(server.log.read_text(errors="replace").splitlines())
+        body = {
+            "text": [text] * args.requests,
+            "image_data": images[: args.requests],
+            "sampling_params": {"temperature": 0, "max_new_tokens": new_tokens, "ignore_eos": True},
+        }
+        start = time.perf_counter()
+        response = requests.post(f"{server.url}/generate", json=body, timeout=3600)
+        elapsed = time.perf_counter() - start
+        response.raise_for_status()
+        lines = server.log.read_text(errors="replace").splitlines()[start_line:]
+        result["bursts"][new_tokens] = {"peak_running_requests": running_peak(lines), "burst_seconds": elapsed}
+    return result
 
 
 def main() -> None:
@@ -109,7 +112,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=64, help="tokens kept per image")
     parser.add_argument("--max-total-tokens", type=int, default=4096, help="the pool size given to every server")
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 8], help="new tokens per request, one burst each")
     parser.add_argument("--question", default="question : what color is the square answer :")
     parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
     parser.add_argument("--arithmetic", action="store_true", help="print the 11B/90B bytes-per-image table and exit")
@@ -156,16 +159,19 @@ def main() -> None:
             server.stop()
         print(f"{arm:22s} {json.dumps(results[arm])}", flush=True)
 
-    stock = results["stock"]["peak_running_requests"]
     print(f"\nmodel {model_path}, budget {args.budget} per image, --max-total-tokens {args.max_total_tokens}, "
-          f"{args.requests} requests x {args.max_tokens} new tokens")  # fmt: skip
-    print(f"{'':22s}{'KV GB':>8s}{'prompt_tokens':>15s}{'peak running':>14s}{'x stock':>9s}{'burst s':>9s}")
+          f"{args.requests} requests at once, each with its own 4-tile image")  # fmt: skip
+    print(f"{'':22s}{'KV GB':>8s}{'prompt_tokens':>15s}" + "".join(f"{f'peak, {n} new':>14s}{'x stock':>9s}" for n in args.max_tokens))
     for arm, result in results.items():
-        print(f"{arm:22s}{result['kv_gb']:8.3f}{result['prompt_tokens']:15d}{result['peak_running_requests']:14d}"
-              f"{result['peak_running_requests'] / stock:9.2f}{result['burst_seconds']:9.1f}")  # fmt: skip
+        cells = "".join(
+            f"{result['bursts'][n]['peak_running_requests']:14d}"
+            f"{result['bursts'][n]['peak_running_requests'] / results['stock']['bursts'][n]['peak_running_requests']:9.2f}"
+            for n in args.max_tokens
+        )
+        print(f"{arm:22s}{result['kv_gb_logged']:8.3f}{result['prompt_tokens']:15d}{cells}")
     if args.out:
         record = {"model": model_path, "budget": args.budget, "max_total_tokens": args.max_total_tokens,
-                  "requests": args.requests, "max_tokens": args.max_tokens, "arms": results, "arithmetic": arithmetic(args.budget if not args.tiny else 1600)}  # fmt: skip
+                  "requests": args.requests, "max_tokens": args.max_tokens, "arms": results, "arithmetic_11b_90b_budget_1600": arithmetic()}  # fmt: skip
         Path(args.out).write_text(json.dumps(record, indent=2))
 
 

@@ -67,6 +67,7 @@ class Encoding:
     Attributes:
         real_tiles: real tiles of each image.
         spans: per image, the request's rows `[start, stop)` that score it (`layout.scoring_spans`).
+        patches: image tokens per tile.
         features: (images, width, hidden) projected features, width = max_tiles x patches (padding tiles included);
             set by `flat_encoder_result` once the vision model has run.
         kept: per image, its kept token indices (within its real tokens); set by the scoring layer.
@@ -75,9 +76,20 @@ class Encoding:
 
     real_tiles: list[int]
     spans: list[tuple[int, int]]
+    patches: int
     features: torch.Tensor | None = None
     kept: list[torch.Tensor] = field(default_factory=list)
     kept_features: torch.Tensor | None = None
+
+    @property
+    def lengths(self) -> list[int]:
+        """Real tokens of each image."""
+        return [tiles * self.patches for tiles in self.real_tiles]
+
+    @property
+    def starts(self) -> list[int]:
+        """Where each image's real tokens start in the request's concatenation of them."""
+        return torch.tensor([0, *self.lengths[:-1]]).cumsum(0).tolist()
 
 
 @dataclass
@@ -144,7 +156,7 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
         elif encoded:
             keys, values = self._project(torch.cat([request.encoding.kept_features for request in encoded]))
         if state.layout.packed:
-            output = self._attend_packed(query, keys, values, state.plan, forward_batch)
+            output = self._attend_packed(query, keys, values, state.plan)
         else:
             output = self.attn(query, keys, values, forward_batch).view_as(query).clone()
         for rows, attended in full:  # rows of an image's scoring span attend to all of its tokens in this layer
@@ -179,7 +191,7 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
         """
         state = self.trim_state
         real = [
-            torch.cat([image[: tiles * state.patches] for image, tiles in zip(r.encoding.features, r.encoding.real_tiles)])
+            torch.cat([image[:length] for image, length in zip(r.encoding.features, r.encoding.lengths)])
             if state.method is not None
             else r.encoding.features.flatten(0, 1)
             for r in encoded
@@ -195,32 +207,30 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
                 index = encoding.kept[0]
             else:
                 encoding.kept = self._select(query[request.rows], key, encoding)
-                lengths = [tiles * state.patches for tiles in encoding.real_tiles]
-                starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
-                index = torch.cat([kept + start for kept, start in zip(encoding.kept, starts)])
-                full += self._span_groups(query, key, value, request, lengths, index)
+                index = torch.cat([kept + start for kept, start in zip(encoding.kept, encoding.starts)])
+                full += self._span_groups(query, key, value, request, index)
             index = index.to(key.device)
             encoding.kept_features = features.index_select(0, index)
             kept_keys.append(key.index_select(0, index))
             kept_values.append(value.index_select(0, index))
         return torch.cat(kept_keys), torch.cat(kept_values), full
 
-    def _span_groups(self, query, key, value, request: RequestImages, lengths: list[int], kept: torch.Tensor) -> list:
+    def _span_groups(self, query, key, value, request: RequestImages, kept: torch.Tensor) -> list:
         """Attention of the rows that see all tokens of some image: a row before the end of an image's span sees all
         of that image's tokens, and the kept tokens of the images whose span it is past.
 
         key, value: (real tokens of the request's images, kv_heads, head_dim); kept: (kept,) indices into them.
         """
-        stops = [stop for _, stop in request.encoding.spans]
+        encoding = request.encoding
+        stops = [stop for _, stop in encoding.spans]
         groups, first = [], 0
         for stop in sorted(set(stops)):
             if stop > first:
-                starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
                 columns = torch.cat([
                     torch.arange(start, start + length, device=key.device)
                     if image_stop >= stop
                     else kept[(kept >= start) & (kept < start + length)]
-                    for start, length, image_stop in zip(starts, lengths, stops)
+                    for start, length, image_stop in zip(encoding.starts, encoding.lengths, stops)
                 ])
                 rows = slice(request.rows.start + first, request.rows.start + stop)
                 groups.append((rows, attend(query[rows], key[columns], value[columns], self.scaling)))
@@ -235,11 +245,10 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
         """
         state = self.trim_state
         images, width = len(encoding.real_tiles), encoding.features.shape[1]
+        lengths, starts = encoding.lengths, encoding.starts
         valid = torch.zeros(images, width, dtype=torch.bool, device=key.device)
-        for image, tiles in enumerate(encoding.real_tiles):
-            valid[image, : tiles * state.patches] = True
-        lengths = [tiles * state.patches for tiles in encoding.real_tiles]
-        starts = torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist()
+        for image, length in enumerate(lengths):
+            valid[image, :length] = True
 
         def scores(reduce: str, last_row_only: bool = False) -> torch.Tensor:
             # per image: (1, local heads, real tokens of all images) -> every rank's heads -> its own columns
@@ -283,7 +292,7 @@ class TrimmedCrossAttention(mllama.MllamaTextCrossAttention):
 
     # -- the image pool ------------------------------------------------------------------------------
 
-    def _attend_packed(self, query, keys, values, plan: EnginePlan, forward_batch: ForwardBatch) -> torch.Tensor:
+    def _attend_packed(self, query, keys, values, plan: EnginePlan) -> torch.Tensor:
         """Write the encoded requests' kept K/V into their image blocks, read the others' from the pool, and attend
         every request's rows to its block's tokens. Rows of requests without an image get 0 (masked out anyway)."""
         state = self.trim_state
@@ -457,7 +466,7 @@ class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
             request = RequestImages(rows=rows, slots=slots, tokens=tokens)
             if not cached[index]:
                 text_ids = input_ids[rows].cpu()
-                request.encoding = Encoding(real_tiles=tiles, spans=self.spans(text_ids))
+                request.encoding = Encoding(real_tiles=tiles, spans=self.spans(text_ids), patches=self.trim_state.patches)
             requests.append(request)
         return EnginePlan(requests)
 
