@@ -102,6 +102,29 @@ def measure(server: ServerProcess, args: argparse.Namespace, images: list[str]) 
     return result
 
 
+def plot(record: dict, path: Path) -> None:
+    """Peak requests running at once per arm, one group of bars per number of new tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = list(record["arms"])
+    figure, axis = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(arms)
+    for index, arm in enumerate(arms):
+        peaks = [record["arms"][arm]["bursts"][str(n)]["peak_running_requests"] for n in record["max_tokens"]]  # JSON keys
+        bars = axis.bar([group + index * width for group in range(len(peaks))], peaks, width, label=arm.replace("_", " "))
+        axis.bar_label(bars)
+    axis.set_xticks([group + width * (len(arms) - 1) / 2 for group in range(len(record["max_tokens"]))])
+    axis.set_xticklabels([f"{n} new tokens per request" for n in record["max_tokens"]])
+    axis.set_ylabel("requests running at once (SGLang's decode log)")
+    axis.set_title(f"{record['requests']} image requests at once, {record['max_total_tokens']} KV slots, budget {record['budget']}")
+    axis.legend(loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -111,12 +134,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="build and serve the tiny CPU test checkpoint")
     parser.add_argument("--budget", type=int, default=64, help="tokens kept per image")
     parser.add_argument("--max-total-tokens", type=int, default=4096, help="the pool size given to every server")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 8], help="new tokens per request, one burst each")
     parser.add_argument("--question", default="question : what color is the square answer :")
     parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
     parser.add_argument("--arithmetic", action="store_true", help="print the 11B/90B bytes-per-image table and exit")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (and a plot beside it, .png)")
     args = parser.parse_args(argv)
     if args.arithmetic:
         print(json.dumps(arithmetic(), indent=2))
@@ -173,6 +196,7 @@ def main() -> None:
         record = {"model": model_path, "budget": args.budget, "max_total_tokens": args.max_total_tokens,
                   "requests": args.requests, "max_tokens": args.max_tokens, "arms": results, "arithmetic_11b_90b_budget_1600": arithmetic()}  # fmt: skip
         Path(args.out).write_text(json.dumps(record, indent=2))
+        plot(json.loads(json.dumps(record)), Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,26 @@ def run_conversations(server: ServerProcess, args: argparse.Namespace, urls: lis
     return turns
 
 
+def plot(record: dict, path: Path) -> None:
+    """Tokens prefilled again at each turn, per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for arm, turns in record["arms"].items():
+        axis.plot([t["turn"] for t in turns], [t["prefilled_tokens"] for t in turns], marker="o", label=arm.replace("_", " "))
+    axis.set_xlabel("turn")
+    axis.set_ylabel("tokens prefilled (prompt - cached), median")
+    axis.set_xticks(range(1, record["turns"] + 1))
+    axis.set_yscale("log")
+    axis.set_title(f"{record['conversations']} conversations at once, budget {record['budget']}")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
 def main() -> None:
     argv = sys.argv[1:]
     passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -95,7 +115,7 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--out", default=None, help="write the results as JSON here (and a plot beside it, .png)")
     args = parser.parse_args(argv)
     if not args.tiny and not args.model_path:
         parser.error("give --model-path or --tiny")
@@ -144,6 +164,7 @@ def main() -> None:
         record = {"model": model_path, "budget": args.budget, "conversations": args.conversations, "turns": args.turns,
                   "max_tokens": args.max_tokens, "arms": results}  # fmt: skip
         Path(args.out).write_text(json.dumps(record, indent=2))
+        plot(record, Path(args.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -21,5 +21,5 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check --quiet)
 unmet=$("$venv/bin/python" -m pip check 2>&1 | grep -v -E "^(sglang [0-9.]+ (requires|has requirement) |No broken requirements)" || true)
 [ -z "$unmet" ] || { echo "unmet requirements outside SGLang's own pins:"; echo "$unmet"; exit 1; } >&2
 # SGLang ignores an external model that fails to import (and serves its own): import it here
-SGLANG_USE_CPU_ENGINE=1 "$venv/bin/python" -W ignore -c 'import trimllama.integrations.sglang.model'
+SGLANG_USE_CPU_ENGINE=1 "$venv/bin/python" -W ignore -c "import trimllama.integrations.sglang.model, trimllama.integrations.sglang.processor"
 echo "built $venv: $("$venv/bin/python" -c 'import sglang, torch, transformers; print(f"sglang {sglang.__version__}, torch {torch.__version__}, transformers {transformers.__version__}")')"
