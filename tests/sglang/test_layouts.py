@@ -70,6 +70,7 @@ def test_budget_over_every_token_equals_stock(stock_server, full_budget_server, 
             stock = stock_server.generate(prompt(question), image_files[name])
             full = full_budget_server.generate(prompt(question), image_files[name])
             assert full["output_ids"] == stock["output_ids"], (name, question)
+    assert f"budget {FULL_BUDGET} >= every image's {MAX_TILES * PATCHES} tokens: nothing is trimmed" in full_budget_server.log.read_text()
 
 
 def test_image_pool_equals_shared_pool(trimmed_server, shared_server, image_files):
