@@ -278,3 +278,42 @@ def test_a_reserved_name_in_the_trim_object_is_a_400_naming_it(plugin, request_p
     assert error["param"] == f"trim.{key}" and str(core.value) in error["message"]
     assert image_turn.status_code == 200, image_turn.text
     assert 0 < image_turn.json()["trim"]["image_tokens_after"] < image_turn.json()["trim"]["image_tokens_before"]
+
+
+def test_no_front_end_adds_a_second_bos_on_a_tokenizer_that_adds_one(request_parts):
+    """A Llama tokenizer adds `<|begin_of_text|>` itself; the prompt rule already writes it. One encode rule
+    (`trimllama.loading.encode`): the CLI, the server, the evaluation harness and lmms-eval all use it."""
+    from tokenizers.processors import TemplateProcessing
+
+    from trimllama.cli.answer import build_inputs
+    from trimllama.cli.eval import question_prompt
+    from trimllama.harness.evaluate import encode_questions
+    from trimllama.serve.config import ImageLimits
+    from trimllama.serve.prompts import build_conversation, encode_conversation
+    from trimllama.serve.schemas import Message
+    from trimllama.testbed.build import make_processor
+
+    question, _, url = request_parts
+    processor = make_processor()
+    bos = processor.tokenizer.bos_token_id
+    processor.tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"{processor.tokenizer.bos_token} $A", special_tokens=[(processor.tokenizer.bos_token, bos)]
+    )
+    assert processor.tokenizer("question")["input_ids"][0] == bos  # this tokenizer adds a BOS
+    message = Message.model_validate(
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]}
+    )
+    encoded = {
+        "cli": build_inputs(processor, [question.image], question.question, "auto")["input_ids"],
+        "serve": encode_conversation(processor, build_conversation([message], ImageLimits())).inputs["input_ids"],
+        "eval": encode_questions(processor, [question], question_prompt)[0]["input_ids"],
+    }
+    for front_end, ids in encoded.items():
+        assert int((ids == bos).sum()) == 1, (front_end, ids)
+    assert torch.equal(encoded["cli"], encoded["serve"]) and torch.equal(encoded["cli"], encoded["eval"])
+    calls = [
+        str(path.relative_to(SRC))
+        for path in SRC.rglob("*.py")
+        if re.search(r"processor\(\s*images=", path.read_text()) and "testbed" not in path.parts
+    ]
+    assert calls == ["loading.py"], calls  # lmms-eval and the conversations harness encode through it too

@@ -3,11 +3,12 @@ lmms-eval), each of which only maps the errors (`ModelLoadError`, `UnsupportedMo
 
     model, processor, device = load_model("meta-llama/Llama-3.2-11B-Vision-Instruct")
     text = prompt_text(processor, "What is in this image?", num_images=1)
-    inputs = processor(images=[[image]], text=[text], add_special_tokens=False, return_tensors="pt")
+    inputs = encode(processor, [text], [[image]])
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -31,12 +32,20 @@ def resolve_source(source: str | None) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is cuda when a GPU is there, else cpu; asking for cuda without one is refused."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError("device cuda was asked for, but no CUDA GPU is available on this machine", setting="device")
+    """"auto" is cuda when a GPU is there, else cpu; "cpu", "cuda" and "cuda:N" as named. Asking for a GPU
+    without one, or for another name, is refused."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", str(name)):
+        raise ModelLoadError(f"device {name!r}: choose auto, cpu, cuda or cuda:N", setting="device")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name} was asked for, but no CUDA GPU is available on this machine", setting="device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {name} was asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)", setting="device"
+        )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
@@ -146,6 +155,19 @@ def prompt_text(processor, text: str, num_images: int, chat_template: str = "aut
         return text
     content = [{"type": "image"}] * num_images + [{"type": "text", "text": text}]
     return chat_text(processor, [{"role": "user", "content": content}], chat_template)
+
+
+def encode(processor, texts: list[str], images: list[list] | None = None):
+    """The processor's (left-padded) batch for prompts written by the prompt rule (`prompt_text`, `chat_text`).
+
+    Those prompts already hold every special token (the chat template, or the base-model format, writes
+    `<|begin_of_text|>`), so the tokenizer adds none: a Llama tokenizer would add a second BOS otherwise.
+
+    Args:
+        texts: one prompt per sample.
+        images: per sample, its images in the order of its `<|image|>` tokens; None for text-only prompts.
+    """
+    return processor(images=images, text=texts, add_special_tokens=False, padding=True, return_tensors="pt")
 
 
 def first_line(error: BaseException) -> str:

@@ -159,6 +159,9 @@ class Adapter(TrimHandle):
 
     model_classes: tuple[str, ...] = ()
     model_types: tuple[str, ...] = ()
+    image_inputs: tuple[str, ...] = ()  # names of the processor's per-image inputs (what the vision tower reads)
+    # the forward's cache argument and its output's cache field (`past_key_values`; `cache` from transformers 5.24)
+    cache_keyword: str = "past_key_values"
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
@@ -178,6 +181,16 @@ class Adapter(TrimHandle):
     @classmethod
     def cross_attention_layers(cls, model: nn.Module) -> list[int]:
         """Decoder-layer indices of the cross-attention layers, in order."""
+        raise NotImplementedError
+
+    @classmethod
+    def context_length(cls, model: nn.Module) -> int:
+        """Text positions the model takes, prompt and answer together."""
+        raise NotImplementedError
+
+    @classmethod
+    def cross_attention_mask(cls, model: nn.Module, tile_mask: torch.Tensor, dtype: torch.dtype) -> tuple:
+        """(additive mask, row visibility) of the image tokens, as the model builds them from the processor's mask."""
         raise NotImplementedError
 
     @classmethod

@@ -1,6 +1,6 @@
 """Trimming wired into Hugging Face Mllama (Llama-3.2-Vision), transformers 5.19 to 5.24.
 
-How one forward pass runs with the hooks (see `shared/method.md` for the Mllama internals):
+How one forward pass runs with the hooks:
 
     MllamaModel                    pre-hook: checks the inputs, records the (images, tiles, patches) layout
       language_model (text model)  post-hook: drops per-step buffers, measures the cache after a prefill
@@ -56,6 +56,7 @@ from transformers.models.mllama.modeling_mllama import (
     MllamaForConditionalGeneration,
     MllamaModel,
     MllamaTextCrossAttention,
+    _prepare_cross_attention_mask,
 )
 
 from ..errors import InvalidSettingError, MissingImageError, ShapeMismatchError, UnsupportedModelError
@@ -69,7 +70,7 @@ from .base import Adapter, TrimStats, check_scoring_buffer_bytes
 # The transformers releases whose Mllama the core tests run on (.ci/run); trim() refuses any other unless opted in.
 TESTED_TRANSFORMERS = ("5.19.0", "5.23.0", "5.24.0")
 ALLOW_UNTESTED_ENV = "TRIMLLAMA_ALLOW_UNTESTED_TRANSFORMERS"
-# transformers 5.24 renamed the layers' and models' `past_key_values` argument to `cache`.
+# transformers 5.24 renamed the layers' and models' `past_key_values` argument, and the outputs' field, to `cache`.
 _CACHE_ARGUMENT = "cache" if "cache" in inspect.signature(MllamaTextCrossAttention.forward).parameters else "past_key_values"
 
 
@@ -192,6 +193,8 @@ class MllamaAdapter(Adapter):
 
     model_classes = ("MllamaForConditionalGeneration", "MllamaModel")
     model_types = ("mllama",)  # `config.model_type` of the checkpoints it wires
+    image_inputs = mllama_facts.IMAGE_INPUTS
+    cache_keyword = _CACHE_ARGUMENT
 
     def __init__(
         self,
@@ -383,7 +386,7 @@ class MllamaAdapter(Adapter):
 
     def _after_text_model(self, module: nn.Module, args: tuple, output) -> None:
         if self._trimmed_states is not None:
-            self._measure_cache(getattr(output, "past_key_values", None))
+            self._measure_cache(getattr(output, _CACHE_ARGUMENT, None))
         self._trimmed_states = self._step_mask = None
 
     # -- helpers -------------------------------------------------------------------------------
@@ -501,6 +504,20 @@ class MllamaAdapter(Adapter):
         return mllama_facts.cross_attention_layers(cls._core(model).config.text_config)
 
     @classmethod
+    def context_length(cls, model: nn.Module) -> int:
+        """Text positions the model takes, prompt and answer together."""
+        return mllama_facts.context_length(cls._core(model).config.text_config)
+
+    @classmethod
+    def cross_attention_mask(
+        cls, model: nn.Module, tile_mask: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mllama's additive mask (batch, 1, text_len, image_tokens) and row visibility (batch, 1, text_len, 1), built
+        from the processor's (batch, text_len, images, tiles) 0/1 mask as the model builds them: 0 where a row sees a
+        token, the dtype's lowest elsewhere, and 0 in every column of a row that sees no image (visibility 0)."""
+        return _prepare_cross_attention_mask(tile_mask, cls.tokens_per_tile(model), dtype)
+
+    @classmethod
     def cache_bytes_per_token(cls, model: nn.Module) -> int:
         """Cache bytes of one image token in one cross-attention layer (keys + values, KV heads x head_dim)."""
         layer = cls._core(model).language_model.layers[cls.cross_attention_layers(model)[0]]
@@ -558,7 +575,7 @@ class MllamaAdapter(Adapter):
         shaped as Mllama's own forward hands them on, (batch * images * tiles, patches, hidden).
         """
         patches = cls.tokens_per_tile(model)
-        given = {key: value for key, value in inputs.items() if key not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        given = {key: value for key, value in inputs.items() if key not in cls.image_inputs}
         given["cross_attention_states"] = features.reshape(-1, patches, features.shape[-1])
         return given
 

@@ -1,8 +1,8 @@
 """Facts of the Mllama architecture, read off its configs and inputs: the one home of each, shared by the Hugging Face
 adapter (`adapters/mllama.py`) and SGLang's Mllama (`integrations/sglang/model.py`).
 
-Nothing here touches a model's modules or imports an engine: which layer scores, which layers are trimmed, which id
-the image token has, how many tokens a tile has, which tiles are real, and what a method's keep-mask must look like.
+Nothing here touches a model's modules or imports an engine: which layer scores, which layers are trimmed, how long
+the context is, which id the image token has, which inputs are per image, how many tokens a tile has, which tiles are real, and what a method's keep-mask must look like.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..errors import ShapeMismatchError, UnsupportedModelError
+
+IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")  # the processor's per-image inputs
 
 
 def cross_attention_layers(text_config) -> list[int]:
@@ -30,6 +32,11 @@ def scoring_and_trimmed_layers(text_config) -> tuple[int, list[int]]:
             f"this model has {len(layers)}"
         )
     return layers[0], layers[1:]
+
+
+def context_length(text_config) -> int:
+    """Text positions the model takes, prompt and answer together (`max_position_embeddings`)."""
+    return int(text_config.max_position_embeddings)
 
 
 def image_token_id(config) -> int:

@@ -74,19 +74,16 @@ class IdealFeatures:
         return self.states.nbytes + self.prefill_mask.nbytes + self.step_mask.nbytes
 
     @classmethod
-    def from_kept(cls, kept: list[torch.Tensor], inputs: BenchInputs, tokens_per_tile: int) -> "IdealFeatures":
+    def from_kept(
+        cls, kept: list[torch.Tensor], inputs: BenchInputs, model: MllamaForConditionalGeneration
+    ) -> "IdealFeatures":
         """Gather `inputs` at the kept indices (one 1-D LongTensor per sample, all of one length)."""
         states = inputs.cross_attention_states
         index = torch.stack(kept).to(states.device)  # (batch, kept)
         kept_states = states.gather(1, index[:, :, None].expand(-1, -1, states.shape[-1]))
-        tile_mask = inputs.cross_attention_mask  # (batch, text_len, images, tiles)
-        token_mask = tile_mask.repeat_interleave(tokens_per_tile, dim=3).flatten(2)  # (batch, text_len, image_tokens)
-        kept_columns = token_mask.gather(2, index[:, None, :].expand(-1, token_mask.shape[1], -1)) > 0
-        sees_image = token_mask.any(dim=2, keepdim=True)
-        # as in Mllama: 0 where visible, lowest elsewhere, and 0 in every column of a row that sees no image
-        lowest = torch.tensor(torch.finfo(states.dtype).min, dtype=states.dtype, device=states.device)
-        additive = torch.where(kept_columns | ~sees_image, torch.zeros_like(lowest), lowest)[:, None]
-        return cls(kept_states, additive, additive[:, :, -1:].contiguous())
+        mask, _ = adapter_for(model).cross_attention_mask(model, inputs.cross_attention_mask, states.dtype)
+        kept_mask = mask.gather(3, index[:, None, None, :].expand(-1, 1, mask.shape[2], -1))  # the model's own mask
+        return cls(kept_states, kept_mask, kept_mask[:, :, -1:].contiguous())
 
 
 @contextlib.contextmanager

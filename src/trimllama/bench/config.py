@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import InvalidSettingError
-from ..loading import DTYPES
+from ..loading import DTYPES, resolve_device
 from .model import LLAMA_32_11B_VISION, SMOKE_SHAPE, ModelShape, check_layer_count
 
 CPU_LAYERS = 20  # the fewest that keep 4:1 self- to cross-attention layers with 4 cross-attention layers
@@ -67,8 +67,9 @@ class BenchConfig:
     defaults: DeviceDefaults = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.device = str(resolve_device(self.device))
-        self.defaults = DEFAULTS["smoke" if self.smoke else self.device]
+        device = resolve_device(self.device)
+        self.device = str(device)
+        self.defaults = DEFAULTS["smoke" if self.smoke else device.type]
         self.dtype = _default(self.dtype, "float32" if self.smoke else "bfloat16")
         self.layers = _default(self.layers, LLAMA_32_11B_VISION.num_layers if self.full else CPU_LAYERS)
         self.batch_sizes = tuple(_default(self.batch_sizes, self.defaults.batch_sizes))
@@ -86,7 +87,7 @@ class BenchConfig:
             raise InvalidSettingError(
                 "full=True and smoke=True exclude each other: one is the real 40-layer model, the other tiny"
             )
-        if self.full and self.device != "cuda":
+        if self.full and self.torch_device.type != "cuda":
             raise InvalidSettingError(
                 "full=True builds the real 40-layer model (about 20 GB of bf16 weights): it needs device=cuda"
             )
@@ -157,16 +158,6 @@ def _positive_int(value) -> bool:
 
 def _default(value, default):
     return default if value is None else value
-
-
-def resolve_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda"):
-        raise InvalidSettingError(f"device={name!r}: choose auto, cpu or cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise InvalidSettingError("device=cuda was asked for, but no CUDA GPU is available on this machine")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name)
 
 
 def parse_bytes(text: str) -> int:

@@ -51,6 +51,7 @@ class Decoder:
 
     def __init__(self, model: MllamaForConditionalGeneration, inputs: BenchInputs) -> None:
         self.model, self.inputs = model, inputs
+        self.facts = adapter_for(model)
         self.attention_mask = inputs.attention_mask
         # (batch, 1, images, tiles): the new token sees what the last prompt token did
         self.step_tile_mask = inputs.cross_attention_mask[:, -1:]
@@ -63,17 +64,16 @@ class Decoder:
         inputs, device = self.inputs, self.inputs.input_ids.device
         synchronize(device)
         start = time.perf_counter()
-        output = self.model(
+        prefill = dict(
             input_ids=inputs.input_ids,
             attention_mask=self.attention_mask,
             cross_attention_states=inputs.cross_attention_states,
             cross_attention_mask=inputs.cross_attention_mask,
-            use_cache=True,
-            logits_to_keep=1,
         )
+        output = self.model(**prefill, use_cache=True, logits_to_keep=1)
+        self.cache = getattr(output, self.facts.cache_keyword)
         self.tokens.append(output.logits[:, -1].argmax(dim=-1, keepdim=True))
         synchronize(device)
-        self.cache = output.past_key_values
         return time.perf_counter() - start
 
     @torch.inference_mode()
@@ -82,14 +82,13 @@ class Decoder:
         token, device = self.tokens[-1], self.inputs.input_ids.device
         start = time.perf_counter()
         self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(token)], dim=1)
-        output = self.model(
+        step = dict(
             input_ids=token,
             attention_mask=self.attention_mask,
             cross_attention_states=None,
             cross_attention_mask=self.step_tile_mask,
-            past_key_values=self.cache,
-            use_cache=True,
         )
+        output = self.model(**step, **{self.facts.cache_keyword: self.cache}, use_cache=True)
         self.tokens.append(output.logits[:, -1].argmax(dim=-1, keepdim=True))
         synchronize(device)
         return time.perf_counter() - start

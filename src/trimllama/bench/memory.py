@@ -45,10 +45,6 @@ class PeakMemory:
         self._start_bytes = 0
         self._started = 0.0
 
-    @property
-    def method(self) -> str:
-        return describe_method(self.device)
-
     def __enter__(self) -> "PeakMemory":
         cuda = self.device.type == "cuda"
         if cuda:

@@ -123,7 +123,7 @@ def _warm_up(
             extra = max(handle.stats.extra_tokens) if handle is not None else 0
             del decoder
         if arm.kind == "trimmed" and arm.fraction < 1.0:
-            ideal[arm.fraction] = IdealFeatures.from_kept(kept, inputs, bench.shape.tokens_per_tile)
+            ideal[arm.fraction] = IdealFeatures.from_kept(kept, inputs, bench.model)
         records[arm.name] = {
             "batch_size": inputs.batch_size,
             "prompt_len": int(inputs.input_ids.shape[1]),

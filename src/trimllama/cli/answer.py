@@ -14,7 +14,7 @@ import torch
 from ..adapters import TrimStats, adapter_for
 from ..errors import TrimllamaError
 from ..handle import trim
-from ..loading import prompt_text
+from ..loading import encode, prompt_text
 from ..methods import SelectionMethod
 from .options import (
     CommandError,
@@ -194,10 +194,7 @@ def build_inputs(processor, images: list, prompt: str, chat_template: str) -> di
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a too long prompt is reported once, by `check_lengths`
     try:
-        # the text already starts with <|begin_of_text|> (or the processor adds it): no second BOS
-        return dict(
-            processor(images=[images] if images else None, text=[text], add_special_tokens=False, return_tensors="pt")
-        )
+        return dict(encode(processor, [text], [images] if images else None))
     except (ValueError, TypeError, OSError) as error:
         raise CommandError(f"the processor could not prepare the image(s) and prompt: {error}") from None
     finally:
@@ -206,7 +203,7 @@ def build_inputs(processor, images: list, prompt: str, chat_template: str) -> di
 
 def check_lengths(model, inputs: dict, max_new_tokens: int) -> None:
     """Refuse a prompt (plus the tokens to generate) longer than the model's position embeddings."""
-    limit = int(model.config.text_config.max_position_embeddings)
+    limit = adapter_for(model).context_length(model)
     prompt_tokens = int(inputs["input_ids"].shape[1])
     if prompt_tokens > limit:
         raise CommandError(f"prompt too long: {prompt_tokens} tokens, the model takes at most {limit}")

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from ..bench.config import DEFAULTS, DTYPES
-from .options import CommandError, progress_bar
+from .options import CommandError, flag_message, progress_bar
 
 _DESCRIPTION = """\
 Builds a randomly initialised Mllama with the text widths of Llama-3.2-11B-Vision (hidden 4096, 32 heads,
@@ -31,7 +31,7 @@ def register(subparsers) -> argparse.ArgumentParser:
     )
     cpu, gpu = DEFAULTS["cpu"], DEFAULTS["cuda"]
     add = parser.add_argument
-    add("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda if available")
+    add("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
     add("--dtype", default=None, choices=list(DTYPES), help="default bfloat16 (float32 with --smoke)")
     add("--full", action="store_true", help="the real 40-layer model, no shared weights (GPU only)")
     add("--layers", type=int, default=None, help="decoder layers, a multiple of 5, >= 20 (default 20; 40 with --full)")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import BenchConfig, benchmark, markdown, parse_bytes, total_runs
-    from ..errors import InvalidSettingError
+    from ..errors import InvalidSettingError, ModelLoadError
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -122,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except InvalidSettingError as error:
         raise CommandError(_as_flags(str(error))) from None
+    except ModelLoadError as error:  # the device (`trimllama.loading.resolve_device`)
+        raise CommandError(flag_message(error)) from None
     bar = progress_bar(args, total_runs(config), unit="run")
     try:
         progress = bar and (lambda label: _advance(bar, label))

@@ -8,6 +8,7 @@ import time
 import torch
 
 from ..handle import trim
+from ..loading import encode
 from ..methods import HeadwiseTopK, MergeRemainder
 
 
@@ -41,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_testbed()
     questions = make_questions(args.questions, seed=args.seed)
     prompts = [build_prompt(processor, q.question) for q in questions]
-    inputs = processor(images=[[q.image] for q in questions], text=prompts, return_tensors="pt", padding=True)
+    inputs = encode(processor, prompts, [[q.image] for q in questions])
     prompt_len = inputs["input_ids"].shape[1]
     method = HeadwiseTopK(head_k=args.head_k)
     arms = {"untrimmed": None, "trimmed": method, "+remainder": MergeRemainder(method)}

@@ -47,11 +47,6 @@ class CommandError(Exception):
     """A bad input the CLI reports as one line on stderr with a non-zero exit."""
 
 
-def default_model() -> str:
-    """The shipped testbed checkpoint directory."""
-    return loading.resolve_source(None)
-
-
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(

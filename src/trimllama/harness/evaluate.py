@@ -17,6 +17,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..handle import trim
+from ..loading import encode
 from ..methods import METHODS, Floor, MergeRemainder, RandomSelect, SelectionMethod, method_from_settings
 
 UNTRIMMED, FLOOR = "untrimmed", "floor"
@@ -123,9 +124,7 @@ def encode_questions(
         images = [[q.image] for q in chunk]
         if shuffle_images:
             shuffler.shuffle(images)
-        batches.append(
-            processor(images=images, text=[prompt(processor, q.question) for q in chunk], return_tensors="pt", padding=True)
-        )
+        batches.append(encode(processor, [prompt(processor, q.question) for q in chunk], images))
     return batches
 
 

@@ -1,4 +1,4 @@
-"""Follow-up questions (issue 19): second-turn accuracy of two-turn conversations on the testbed.
+"""Follow-up questions: second-turn accuracy of two-turn conversations on the testbed.
 
 Each conversation asks about one object, then about another object of the same image (`make_conversations`).
 The second turn is a re-prefill of the whole conversation (what `generate` and every stateless server do),
@@ -23,7 +23,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from ..handle import trim
-from ..loading import chat_text
+from ..loading import chat_text, encode
 from ..methods import (
     Floor,
     ImageTokens,
@@ -133,7 +133,7 @@ def second_messages(conversation, first_answer: str) -> list[dict]:
 @torch.no_grad()
 def _generate(model, processor, images, texts, method, keep=None, max_new_tokens: int = 4):
     """Greedy answers, kept fractions and the (batch, image_tokens) kept mask of one batch."""
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True).to(next(model.parameters()).device)
+    inputs = encode(processor, texts, images).to(next(model.parameters()).device)
     if keep is not None:
         method = FixedKeep(keep=keep)
     if method is None:

@@ -356,13 +356,7 @@ class TrimmedLlamaVision(lmms):
         """Continuations, kept-token records (none for text-only requests) and generated tokens of one batch,
         whose requests either all have images or none has."""
         has_images = bool(images[0])
-        inputs = self.processor(
-            images=images if has_images else None,
-            text=prompts,
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=False,
-        ).to(self.device)
+        inputs = loading.encode(self.processor, prompts, images if has_images else None).to(self.device)
         prompt_length = inputs["input_ids"].shape[1]
         kwargs = decoding.generate_kwargs(self.tokenizer, prompt_length)
         with torch.no_grad():

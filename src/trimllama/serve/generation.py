@@ -20,7 +20,7 @@ from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogit
 
 from ..adapters import adapter_for
 from ..handle import TrimHandle, trim
-from .feature_cache import IMAGE_SLOT_INPUTS, FeatureCache, cached_image_features, slot_key
+from .feature_cache import FeatureCache, cached_image_features, slot_key
 from .prompts import EncodedPrompt, collate
 from .trimming import TrimSetting
 
@@ -185,9 +185,8 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
         pads = (self.tokenizer.pad_token_id, generation_config.pad_token_id, min(self.eos_ids))
         self.pad_id = int(next(pad for pad in pads if pad is not None))
-        text_config = model.config.text_config
-        self.context_length = int(text_config.max_position_embeddings)
         self.facts = adapter_for(model)
+        self.context_length = self.facts.context_length(model)
         self.default_sampling = (
             (float(generation_config.temperature or 1.0), float(generation_config.top_p or 1.0))
             if generation_config.do_sample
@@ -224,7 +223,7 @@ class Engine:
             if keys is not None:
                 features = cached_image_features(self.feature_cache, self.facts, self.model, batch, keys)
                 prefill = self.facts.with_image_features(self.model, prefill, features)
-            logits, cache = self._forward(prefill, past_key_values=None)
+            logits, cache = self._forward(prefill, cache=None)
             reports = self._trim_reports(batch, context, setting)
             positions = prefill_positions[:, -1:]  # (batch, 1)
             cross_mask = batch.get("cross_attention_mask")
@@ -238,7 +237,7 @@ class Engine:
                 step = {"input_ids": tokens[:, None], "attention_mask": attention_mask, "position_ids": positions}
                 if cross_mask is not None:
                     step["cross_attention_mask"] = cross_mask[:, -1:]
-                logits, cache = self._forward(step, past_key_values=cache)
+                logits, cache = self._forward(step, cache=cache)
         for row, report in zip(rows, reports):
             if row.job.cancelled():
                 continue
@@ -259,16 +258,17 @@ class Engine:
         """`slot_key` of every (sample, image) slot of a CPU batch; None without images or without a feature cache."""
         if self.feature_cache is None or "pixel_values" not in batch:
             return None
-        slots = [batch[name] for name in IMAGE_SLOT_INPUTS]
+        slots = [batch[name] for name in self.facts.image_inputs]
         return [
             [slot_key(*(inputs[sample, image] for inputs in slots)) for image in range(slots[0].shape[1])]
             for sample in range(slots[0].shape[0])
         ]
 
-    def _forward(self, inputs: dict, past_key_values) -> tuple[torch.Tensor, object]:
+    def _forward(self, inputs: dict, cache) -> tuple[torch.Tensor, object]:
         """(batch, vocab) float32 logits of the last position, and the cache."""
-        output = self.model(**inputs, past_key_values=past_key_values, use_cache=True, logits_to_keep=1)
-        return output.logits[:, -1, :].float(), output.past_key_values
+        keyword = self.facts.cache_keyword
+        output = self.model(**inputs, **{keyword: cache}, use_cache=True, logits_to_keep=1)
+        return output.logits[:, -1, :].float(), getattr(output, keyword)
 
     def _generator(self, sampling: SamplingParams) -> torch.Generator | None:
         """The row's own generator (generate() has one global RNG; rows here need their own seeds)."""

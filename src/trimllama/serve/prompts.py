@@ -14,14 +14,11 @@ import torch
 from PIL import Image
 
 from ..errors import PromptError
-from ..loading import chat_text
+from ..loading import chat_text, encode
 from .config import ImageLimits
 from .errors import APIError, invalid
 from .images import decode_image_url
 from .schemas import ImagePart, Message
-
-IMAGE_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
-
 
 @dataclass
 class Conversation:
@@ -100,7 +97,7 @@ def encode_conversation(processor, conversation: Conversation) -> EncodedPrompt:
         )
     images = [conversation.images] if conversation.images else None
     try:
-        encoded = processor(images=images, text=[text], add_special_tokens=False, return_tensors="pt")
+        encoded = encode(processor, [text], images)
     except (ValueError, TypeError) as error:
         raise invalid(f"'messages': the processor could not prepare the inputs ({error})", "messages") from None
     return EncodedPrompt({key: value for key, value in encoded.items()})

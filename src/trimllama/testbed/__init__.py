@@ -42,26 +42,20 @@ __all__ = [
 
 
 def load_testbed(device="cpu", dtype=None, attn_implementation: str = "sdpa", checkpoint_dir=None):
-    """Load the shipped checkpoint: returns ``(model, processor)``.
+    """Load the shipped checkpoint: returns ``(model, processor)``, as ``trimllama.loading.load_model`` loads any.
 
     ``model`` is a ``MllamaForConditionalGeneration`` in eval mode; ``processor`` a
     ``MllamaProcessor`` whose tokenizer pads on the left (for batched generation).
-    ``dtype`` defaults to ``torch.float32``.
+    ``dtype`` (a ``torch.dtype`` or its name) defaults to ``torch.float32``.
     """
-    import torch
-    from transformers import AutoProcessor, MllamaForConditionalGeneration
+    from ..loading import DTYPES, load_model
 
     path = Path(checkpoint_dir) if checkpoint_dir is not None else CHECKPOINT_DIR
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"testbed checkpoint not found in {path}")
-    dtype = torch.float32 if dtype is None else dtype
-    model = MllamaForConditionalGeneration.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn_implementation
-    )
-    model.to(device)
-    model.eval()
-    processor = AutoProcessor.from_pretrained(path)
-    processor.tokenizer.padding_side = "left"
+    names = {value: name for name, value in DTYPES.items()}
+    dtype = "float32" if dtype is None else names.get(dtype, dtype)
+    model, processor, _ = load_model(str(path), str(device), dtype, attn_implementation)
     return model, processor
 
 
