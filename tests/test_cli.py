@@ -281,3 +281,17 @@ def test_demo_runs_the_three_arms_on_the_testbed():
     for arm in ("untrimmed:", "trimmed:", "+remainder:"):
         assert arm in result.stdout
     assert "image tokens kept:" in result.stdout
+
+
+def test_eval_gives_every_arm_its_params_and_sweeps_the_named_setting(tmp_path, capsys):
+    from trimllama.cli import main
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--questions", "4", "--methods", "headwise_topk,attention_mass:mass", "--settings", "0.5",
+            "--param", "query_rows=image_turn", "--no-matched-random", "--out", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    methods = [run["method"] for run in json.loads(out.with_suffix(".json").read_text())["results"]]
+    assert methods[2:] == [
+        "headwise_topk(head_k=0.5, reduce=sum, order=most, query_rows=image_turn)",
+        "attention_mass(mass=0.5, query_rows=image_turn)",
+    ]

@@ -72,3 +72,13 @@ def test_least_attended_arms_come_with_their_own_count_matched_random():
         "untrimmed", "floor", "headwise_topk", "random (count-matched)",
         "headwise_topk (least attended)", "random (matched to least attended)",
     ]  # fmt: skip
+
+
+def test_conversation_arms_score_all_rows_the_last_turn_and_the_image_turn():
+    from trimllama.harness.evaluate_conversations import build_conversation_arms
+
+    arms = build_conversation_arms([0.05], params={"reduce": "max"})
+    rows = {arm.curve: getattr(arm.method, "query_rows", None) for arm in arms}
+    assert rows["headwise_topk (image turn)"] == "image_turn" and rows["headwise_topk (last turn)"] == "last_turn"
+    assert rows["headwise_topk (all rows)"] == "all" and "headwise_topk (image turn) + remainder" in rows
+    assert all(arm.method.reduce == "max" for arm in arms if arm.curve.startswith("headwise_topk (") and "+" not in arm.curve)

@@ -158,7 +158,7 @@ def answer_questions(
             kept_fractions += [1.0] * size
             extra_tokens += [0] * size
         else:
-            with trim(model, method) as handle:
+            with trim(model, method, tokenizer=processor) as handle:  # the chat template's markers, for query_rows
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
             kept_fractions += handle.stats.kept_fraction
             extra_tokens += handle.stats.extra_tokens
