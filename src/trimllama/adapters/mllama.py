@@ -6,10 +6,10 @@ How one forward pass runs with the hooks:
       language_model (text model)  post-hook: drops per-step buffers, measures the cache after a prefill
         first cross-attn layer     pre-hook: on prefill keeps the full inputs for scoring; on decode gathers
                                    the step's mask to the kept columns (used by the later layers)
+                                   post-hook: builds the TrimPlan, gathers the kept features
           cross_attn.q_norm/k_norm post-hooks: capture q/k on prefill, so scoring reuses the layer's projections;
                                    once k exists, score and select (before the layer's own attention)
-        cross_attn                 post-hook: zero the attention of rows left with no column (image_turn below)
-                                   post-hook: builds the TrimPlan, gathers the kept features
+          cross_attn               post-hook: zero the attention of rows left with no column (image_turn below)
         later cross-attn layers    pre-hook: swap in the kept features (prefill) and the gathered mask (always)
 
 Decode steps pass `cross_attention_states=None`; the later layers read their (trimmed) cache, and
@@ -270,6 +270,7 @@ class MllamaAdapter(Adapter):
     # -- hooks ---------------------------------------------------------------------------------
 
     def _before_model(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._prefill = self._blind_rows = None  # nothing of a forward pass that raised carries over
         inputs = self._forward_signature.bind_partial(*args, **kwargs).arguments
         has_image = inputs.get("pixel_values") is not None or inputs.get("cross_attention_states") is not None
         cache = _passed_cache(inputs)
