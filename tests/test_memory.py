@@ -170,6 +170,27 @@ def test_trimmed_prefill_costs_at_most_a_tenth_of_a_gib_more_than_untrimmed(benc
     assert trimmed - untrimmed <= 0.1 * 2**30, (untrimmed / MIB, trimmed / MIB)
 
 
+def test_image_turn_with_a_compacted_scoring_layer_costs_at_most_a_tenth_of_a_gib_more(bench_model):
+    """query_rows="image_turn" with trim_scoring_layer: the scoring layer gets its own copy of the mask, whose rows
+    past the image's message lose the dropped columns; an assistant turn opens halfway through every prompt."""
+    inputs = make_inputs(bench_model, 8, 600, seed=8)
+    opener = (7, 8)
+    inputs.input_ids[:, 300:302] = torch.tensor(opener)
+    assert not (inputs.input_ids[:, 2:] == bench_model.model.config.image_token_index).any()
+    untrimmed, _ = prefill_peak(bench_model.model, inputs)
+    method = trimllama.HeadwiseTopK(budget=401, query_rows="image_turn")
+    logits = {}
+    for compacted in (False, True):
+        adapter = mllama_adapter.MllamaAdapter(
+            bench_model.model, method, trim_scoring_layer=compacted, turn_markers={"image_turn": opener}
+        )
+        with adapter:
+            peak, logits[compacted] = prefill_peak(bench_model.model, inputs)
+        assert adapter.stats.image_tokens_after == [401] * 8
+    assert not torch.allclose(logits[True], logits[False])  # the rows past the message see only the kept tokens
+    assert peak - untrimmed <= 0.1 * 2**30, (untrimmed / MIB, peak / MIB)
+
+
 def test_the_shipped_testbed_keeps_what_the_unbounded_scoring_keeps(monkeypatch):
     if not (testbed.CHECKPOINT_DIR / "model.safetensors").exists():
         pytest.skip(f"testbed checkpoint missing in {testbed.CHECKPOINT_DIR}")
