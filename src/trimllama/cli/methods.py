@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from ..methods import METHODS
+from ..methods.base import setting_fields
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -19,7 +20,7 @@ def describe() -> list[dict]:
     """One record per registered method: name, class, description, parameters with defaults."""
     records = []
     for name, cls in METHODS.items():
-        parameters = {field.name: _default(field) for field in dataclasses.fields(cls)}
+        parameters = {field.name: _default(field) for field in setting_fields(cls)}
         records.append(dict(name=name, cls=cls.__name__, description=cls.description, parameters=parameters))
     return records
 

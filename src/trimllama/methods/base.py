@@ -104,13 +104,17 @@ class SelectionMethod:
     @property
     def parameters(self) -> dict:
         """The method's settings, as given to its constructor."""
-        ordered = sorted(dataclasses.fields(self), key=lambda f: f.kw_only)  # keyword-only settings last
-        return {f.name: getattr(self, f.name) for f in ordered}
+        return {f.name: getattr(self, f.name) for f in setting_fields(self)}
 
     def label(self) -> str:
         """Short human-readable label, e.g. `headwise_topk(head_k=0.25)`."""
         settings = ", ".join(f"{key}={value}" for key, value in self.parameters.items() if value is not None)
         return f"{self.name}({settings})"
+
+
+def setting_fields(method: SelectionMethod | type[SelectionMethod]) -> list[dataclasses.Field]:
+    """The settings of a method (class or instance) in the order its constructor takes them: keyword-only ones last."""
+    return sorted(dataclasses.fields(method), key=lambda f: f.kw_only)
 
 
 @dataclass
