@@ -179,11 +179,6 @@ def query_rows_of(method: SelectionMethod | None) -> set[str]:
     return {inner.query_rows for inner in nested_methods(method) if isinstance(inner, AttentionScored)}
 
 
-def scores_last_turn(method: SelectionMethod | None) -> bool:
-    """Whether `method`, or a method it wraps, scores only the last user message (`query_rows="last_turn"`)."""
-    return "last_turn" in query_rows_of(method)
-
-
 def check_budget(budget: int | None) -> None:
     """Validate a fixed per-sample token budget."""
     if budget is None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from ...errors import InvalidSettingError
 from ...methods import MergeRemainder, SelectionMethod, method_from_settings
-from ...methods.base import scores_last_turn
+from ...methods.base import query_rows_of
 from .layout import LAYOUTS
 
 SGLANG_VERSION = "0.5.23"  # the SGLang release whose Mllama, pool and processor the override is written against
@@ -55,7 +55,7 @@ class EngineSettings:
                 "MergeRemainder (merge_remainder) is not supported on SGLang: its remainder tokens need a "
                 "per-column attention bias that SGLang's attention does not take",
             )
-        if scores_last_turn(method):
+        if "last_turn" in query_rows_of(method):
             raise InvalidSettingError(
                 "query_rows=last_turn is not supported on SGLang: the kept set would change with every turn, so no "
                 "turn could reuse an image's cached K/V (query_rows=image_turn scores the image's own message)",
