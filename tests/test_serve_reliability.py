@@ -365,3 +365,25 @@ def test_serve_config_refuses_a_key_that_no_header_can_carry():
         with pytest.raises(ValueError, match="printable ASCII"):
             ServeConfig("m", api_key=key)
     assert ServeConfig("m", api_key="plain-key").api_key == "plain-key"
+
+
+def test_every_setting_has_one_flag_whose_default_is_the_configs():
+    """Issue 25 item 6: `ServeConfig` holds every default; `serve`'s flags read theirs from it."""
+    import dataclasses
+
+    from trimllama.cli import build_parser
+    from trimllama.cli.serve import IMAGE_OPTIONS, SERVER_OPTIONS
+    from trimllama.serve.config import ImageLimits
+
+    not_flags = {"model_name", "method", "trim_scoring_layer", "api_key", "images"}  # other options or objects
+    assert set(SERVER_OPTIONS) == {field.name for field in dataclasses.fields(ServeConfig)} - not_flags
+    assert set(IMAGE_OPTIONS) == {field.name for field in dataclasses.fields(ImageLimits)}
+    parser = build_parser()
+    args = parser.parse_args(["serve"])
+    defaults = ServeConfig("m")
+    for field in SERVER_OPTIONS:
+        assert getattr(args, field) == getattr(defaults, field), field
+    for field in IMAGE_OPTIONS:
+        assert getattr(args, f"image_{field}") == getattr(defaults.images, field), field
+    serve_help = next(a for a in parser._actions if a.dest == "command").choices["serve"].format_help()
+    assert f"(default {defaults.max_queue})" in " ".join(serve_help.split())

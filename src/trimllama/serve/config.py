@@ -77,10 +77,10 @@ class ServeConfig:
             raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
         for name in ("max_bytes", "max_pixels", "max_images"):
             if getattr(self.images, name) < 1:
-                raise ValueError(f"image limit {name} must be >= 1, got {getattr(self.images, name)}")
+                raise ValueError(f"images.{name} must be >= 1, got {getattr(self.images, name)}")
         if Image.MAX_IMAGE_PIXELS is not None and self.images.max_pixels > Image.MAX_IMAGE_PIXELS:
             raise ValueError(
-                f"max_pixels must be at most {Image.MAX_IMAGE_PIXELS} (PIL's decompression-bomb limit), "
+                f"images.max_pixels must be at most {Image.MAX_IMAGE_PIXELS} (PIL's decompression-bomb limit), "
                 f"got {self.images.max_pixels}"
             )
         key = self.api_key

@@ -17,7 +17,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
-from .errors import invalid
+from ..errors import InvalidSettingError
+from ..methods.base import check_seed
+from .errors import APIError, invalid
 
 MAX_STOP_SEQUENCES = 4
 DEFAULT_TRIM_METHOD = "headwise_topk"
@@ -44,6 +46,11 @@ ContentPart = Annotated[Union[TextPart, ImagePart], Field(discriminator="type")]
 class Message(BaseModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: StrictStr | list[ContentPart] | None = None
+
+    @property
+    def parts(self) -> list:
+        """The content as a list: a string content is one part (a str), no content none."""
+        return [self.content] if isinstance(self.content, str) else self.content or []
 
 
 class StreamOptions(BaseModel):
@@ -95,6 +102,16 @@ class ChatCompletionRequest(BaseModel):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def has_images(self) -> bool:
+        return any(isinstance(part, ImagePart) for message in self.messages for part in message.parts)
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of text in all messages."""
+        parts = (part for message in self.messages for part in message.parts if not isinstance(part, ImagePart))
+        return sum(len(part) if isinstance(part, str) else len(part.text) for part in parts)
 
 
 def parse_request(body: bytes) -> ChatCompletionRequest:
@@ -160,3 +177,21 @@ def _check_supported(request: ChatCompletionRequest) -> None:
         raise invalid("'stop': stop sequences must not be empty strings", "stop")
     if not any(message.role == "user" for message in request.messages):
         raise invalid("'messages': the conversation has no user message", "messages")
+    if request.seed is not None:
+        try:
+            check_seed("seed", request.seed)
+        except InvalidSettingError as error:
+            raise invalid(f"'seed': {error}", "seed", "invalid_value") from None
+
+
+def check_text_length(request: ChatCompletionRequest, limit: int) -> None:
+    """413 when the messages hold more than `limit` characters of text (before any tokenizing)."""
+    total = request.text_chars
+    if total > limit:
+        raise APIError(
+            413,
+            f"'messages': {total} characters of text exceed the limit of {limit} characters per request "
+            "(--max-text-chars)",
+            param="messages",
+            code="text_too_large",
+        )
