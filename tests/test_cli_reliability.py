@@ -100,3 +100,30 @@ def test_bad_input_is_one_line_and_exit_2(bad_runs, name):
     assert re.fullmatch(r"trimllama (generate|show): error: .*", lines[0])
     assert re.search(BAD_INPUTS[name][1], lines[0]), lines[0]
     assert result.stdout == ""
+
+
+NON_FINITE = {
+    "serve window nan": ["serve", "--batch-window-ms", "nan"],
+    "serve window inf": ["serve", "--batch-window-ms", "inf"],
+    "generate head-k overflow": ["generate", "--prompt", PROMPT, "--head-k", "1e999"],
+    "show head-k overflow": ["show", "--prompt", PROMPT, "--out", "x.png", "--head-k=-1e999"],
+    "demo head-k nan": ["demo", "--head-k", "nan"],
+    "bench fractions nan": ["bench", "--fractions", "1,nan"],
+    "sglang head-k overflow": ["sglang", "--budget", "8", "--head-k", "1e999"],
+}
+
+
+@pytest.fixture(scope="module")
+def non_finite_runs():
+    return run_scripts(NON_FINITE)
+
+
+@pytest.mark.parametrize("name", list(NON_FINITE))
+def test_non_finite_numbers_are_refused_in_one_line(non_finite_runs, name):
+    """Issue 24 item 3: every float option refuses nan, inf and values that overflow to inf (serve took
+    --batch-window-ms nan and never answered), with one line and exit 2, before any work."""
+    result = non_finite_runs[name]
+    command = NON_FINITE[name][0]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert re.fullmatch(rf"trimllama {command}: error: argument --[a-z-]+: expected .*finite.*", lines[0]), lines[0]

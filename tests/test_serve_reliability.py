@@ -387,3 +387,39 @@ def test_every_setting_has_one_flag_whose_default_is_the_configs():
         assert getattr(args, f"image_{field}") == getattr(defaults.images, field), field
     serve_help = next(a for a in parser._actions if a.dest == "command").choices["serve"].format_help()
     assert f"(default {defaults.max_queue})" in " ".join(serve_help.split())
+
+
+@pytest.mark.parametrize("window", [float("nan"), float("inf"), 1e13, -1.0])
+def test_serve_config_refuses_a_batch_window_that_is_not_a_finite_time(window):
+    """Issue 24 item 3: nan spun a core and inf killed the generation thread while /health said ok."""
+    with pytest.raises(ValueError, match="batch_window_ms must lie in"):
+        ServeConfig("m", batch_window_ms=window)
+
+
+THREAD_FAULT = "import trimllama.serve.batcher as batcher\nbatcher.Batcher._run = lambda self, batch: 1 / 0"
+
+
+def test_a_dead_generation_thread_fails_its_requests_and_turns_health_unhealthy(questions):
+    """Issue 24 item 3: a fault that kills the generation thread (injected: the batcher's `_run` raises) fails
+    the requests it held, streaming or not, and every later one, with a 500 naming it, and /health answers 503,
+    instead of requests hanging while /health says ok."""
+    server = Server("--batch-window-ms", "200", prelude=THREAD_FAULT)
+    try:
+        server.wait_ready()
+        payload = {"messages": messages(questions[0], 1), "max_tokens": 2}
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            plain = [pool.submit(server.post, "/v1/chat/completions", json=payload) for _ in range(2)]
+            streamed = pool.submit(server.post, "/v1/chat/completions", json={**payload, "stream": True})
+            responses = [future.result(timeout=TIMEOUT) for future in plain]
+            stream = streamed.result(timeout=TIMEOUT)
+        for response in responses:
+            assert response.status_code == 500, response.text
+            assert response.json()["error"]["code"] == "generation_thread_died", response.text
+        assert '"code": "generation_thread_died"' in stream.text and stream.text.endswith("data: [DONE]\n\n")
+        health = server.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "unhealthy", health.text
+        assert "ZeroDivisionError" in health.json()["problem"]
+        later = server.post("/v1/chat/completions", json=payload)
+        assert later.status_code == 500 and later.json()["error"]["code"] == "generation_thread_died"
+    finally:
+        server.stop()

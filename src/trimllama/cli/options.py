@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -69,12 +70,33 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention backend")
 
 
-def parse_count_or_fraction(text: str) -> int | float:
-    """'0.25' -> 0.25 (a fraction), '64' -> 64 (a count)."""
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `trimllama COMMAND: error: ...`, and exit status 2 (no usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text: str) -> float:
+    """A float option's value; nan, inf and values that overflow to inf (1e999) are refused."""
     try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count (e.g. 64) or a fraction (e.g. 0.25), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_count_or_fraction(text: str) -> int | float:
+    """'0.25' -> 0.25 (a fraction), '64' -> 64 (a count); a float that overflows to inf (1e999) is refused."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (e.g. 64) or a fraction (e.g. 0.25), got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_method_options(parser: argparse.ArgumentParser, default_method: str = "headwise_topk") -> None:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from ..serve.config import ImageLimits, ServeConfig
-from .options import CommandError, add_method_options, add_model_options, load_model, method_from_args
+from .options import CommandError, add_method_options, add_model_options, finite_float, load_model, method_from_args
 
 API_KEY_VARIABLE = "TRIMLLAMA_API_KEY"
 TESTBED_MODEL_NAME = "trimllama-testbed"
@@ -20,7 +20,7 @@ DEFAULTS = ServeConfig(model_name=TESTBED_MODEL_NAME)
 SERVER_OPTIONS = {
     "max_batch_size": ("--max-batch-size", int, "requests served together (default %(default)s)"),
     "batch_window_ms": (
-        "--batch-window-ms", float, "how long a request waits for others to batch with (default %(default)s)"
+        "--batch-window-ms", finite_float, "how long a request waits for others to batch with (default %(default)s)"
     ),
     "max_queue": ("--max-queue", int, "waiting requests before answering 503 (default %(default)s)"),
     "default_max_tokens": (

@@ -72,14 +72,18 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
     _add_error_handlers(app, metrics)
 
     @app.get("/health")
-    async def health() -> dict:
-        return {
-            "status": "ok",
+    async def health() -> JSONResponse:
+        """200 and "ok" while requests can be served; 503 and "unhealthy", with the problem, once they cannot."""
+        state = {
             "model": config.model_name,
             "trim": default_setting.label,
             "queue_depth": batcher.queue_depth,
             "max_batch_size": config.max_batch_size,
         }
+        problem = batcher.problem
+        if problem is not None:
+            return JSONResponse({"status": "unhealthy", "problem": problem, **state}, status_code=503)
+        return JSONResponse({"status": "ok", **state})
 
     @app.get("/v1/models")
     async def models() -> dict:

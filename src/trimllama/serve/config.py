@@ -8,6 +8,8 @@ from PIL import Image
 
 from ..methods import SelectionMethod
 
+MAX_BATCH_WINDOW_MS = 60_000.0  # a request never waits longer than a minute for others to join its batch
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -35,7 +37,8 @@ class ServeConfig:
         trim_scoring_layer: default of the per-request `trim.trim_scoring_layer`.
         api_key: if set, every request needs `Authorization: Bearer <api_key>`.
         max_batch_size: requests served together in one prefill and decode.
-        batch_window_ms: how long the oldest waiting request waits for others to join its batch.
+        batch_window_ms: how long the oldest waiting request waits for others to join its batch (at most
+            `MAX_BATCH_WINDOW_MS`).
         max_queue: requests waiting for a batch; one more is answered 503.
         default_max_tokens: completion length when a request gives no `max_tokens` (capped by the context).
         images: per-request image limits.
@@ -73,8 +76,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.feature_cache_bytes < 0:
             raise ValueError(f"feature_cache_bytes must be >= 0 (0 turns the feature cache off), got {self.feature_cache_bytes}")
-        if self.batch_window_ms < 0:
-            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:  # also refuses nan
+            raise ValueError(f"batch_window_ms must lie in [0, {MAX_BATCH_WINDOW_MS}], got {self.batch_window_ms}")
         for name in ("max_bytes", "max_pixels", "max_images"):
             if getattr(self.images, name) < 1:
                 raise ValueError(f"images.{name} must be >= 1, got {getattr(self.images, name)}")
