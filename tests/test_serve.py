@@ -256,6 +256,7 @@ def bad_requests(question) -> list[tuple[str, dict, int, str]]:
         ("local path", body([image_part("/etc/passwd"), text]), 400, "local file paths"),
         ("file url", body([image_part("file:///etc/passwd"), text]), 400, "local file paths"),
         ("too many bytes", body([image_part(data_url(big_file)), text]), 413, f"limit of {MAX_IMAGE_BYTES} bytes"),
+        ("body too large", body([{"type": "text", "text": "x" * 6_000_000}]), 413, "exceeds the limit of 4893362 bytes"),
         ("too many pixels", body([image_part(data_url(bomb_png(2000, 2000))), text]), 413, f"limit of {MAX_IMAGE_PIXELS} pixels"),
         ("decompression bomb", body([image_part(data_url(bomb_png(60000, 60000))), text]), 413, "decompression bomb"),
         ("prompt too long", body([image_part(good_url), {"type": "text", "text": "what " * 400}]), 400, "more than the model allows"),

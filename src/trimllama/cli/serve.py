@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import ipaddress
 import os
@@ -16,7 +17,7 @@ from .options import CommandError, add_method_options, add_model_options, finite
 API_KEY_VARIABLE = "TRIMLLAMA_API_KEY"
 TESTBED_MODEL_NAME = "trimllama-testbed"
 DEFAULTS = ServeConfig(model_name=TESTBED_MODEL_NAME)
-# ServeConfig field -> (flag, type, help); the default is ServeConfig's (argparse shows it for %(default)s)
+# ServeConfig field -> (flag, type, help); the default is the field's (argparse shows it for %(default)s)
 SERVER_OPTIONS = {
     "max_batch_size": ("--max-batch-size", int, "requests served together (default %(default)s)"),
     "batch_window_ms": (
@@ -25,6 +26,18 @@ SERVER_OPTIONS = {
     "max_queue": ("--max-queue", int, "waiting requests before answering 503 (default %(default)s)"),
     "default_max_tokens": (
         "--default-max-tokens", int, "completion length when a request sets none (default %(default)s)"
+    ),
+    "max_body_bytes": (
+        "--max-body-bytes",
+        int,
+        "bytes of one request body; more is answered 413 (default: enough for --max-images images of "
+        f"--max-image-bytes, base64, and --max-text-chars of text; {DEFAULTS.max_body_bytes} with the defaults)",
+    ),
+    "max_messages": ("--max-messages", int, "messages per request; more is answered 400 (default %(default)s)"),
+    "max_content_parts": (
+        "--max-content-parts",
+        int,
+        "content parts per request, all messages together; more is answered 400 (default %(default)s)",
     ),
     "max_text_chars": (
         "--max-text-chars",
@@ -89,13 +102,14 @@ def register(subparsers) -> argparse.ArgumentParser:
         default=None,
         help=f"require 'Authorization: Bearer KEY' on every request (default: ${API_KEY_VARIABLE} if set)",
     )
+    defaults = _field_defaults(ServeConfig)
     for field, (flag, kind, help_text) in SERVER_OPTIONS.items():
-        server.add_argument(flag, dest=field, type=kind, default=getattr(DEFAULTS, field), metavar="N", help=help_text)
+        server.add_argument(flag, dest=field, type=kind, default=defaults[field], metavar="N", help=help_text)
     server.add_argument("--no-feature-cache", action="store_true", help="turn the image feature cache off")
     limits = parser.add_argument_group("image limits")
+    image_defaults = _field_defaults(ImageLimits)
     for field, (flag, kind, help_text) in IMAGE_OPTIONS.items():
-        default = getattr(DEFAULTS.images, field)
-        limits.add_argument(flag, dest=f"image_{field}", type=kind, default=default, metavar="N", help=help_text)
+        limits.add_argument(flag, dest=f"image_{field}", type=kind, default=image_defaults[field], metavar="N", help=help_text)
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -167,6 +181,11 @@ def _bind(host: str, port: int) -> socket.socket:
         raise CommandError(f"cannot listen on {host}:{port}: {reason}") from None
     listener.set_inheritable(True)
     return listener
+
+
+def _field_defaults(settings: type) -> dict:
+    """A settings dataclass's field defaults (None where a setting is derived from others)."""
+    return {field.name: field.default for field in dataclasses.fields(settings)}
 
 
 def _as_flag(message: str) -> str:

@@ -32,8 +32,7 @@ from .errors import APIError
 from .feature_cache import FeatureCache
 from .generation import Engine, SamplingParams
 from .metrics import ServeMetrics
-from .prompts import check_prompt_length
-from .schemas import ChatCompletionRequest, check_text_length, parse_request
+from .schemas import ChatCompletionRequest, parse_request
 from .trimming import TrimSetting, check_fits, check_turns, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
@@ -47,7 +46,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
     if feature_cache is not None:
         metrics.registry.register(feature_cache)
     batcher = Batcher(engine, config, metrics)
-    encoder = Encoder(processor, config, metrics)
+    encoder = Encoder(processor, engine.context_length, config, metrics)
     completions = Completions(batcher, metrics, config.model_name)
     default_setting = TrimSetting(config.method, config.trim_scoring_layer)
     started = int(time.time())
@@ -97,8 +96,7 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
     @app.post(CHAT_PATH)
     async def chat_completions(request: Request) -> Response:
         received = time.monotonic()
-        chat = parse_request(await _read_body(request, config.max_body_bytes))
-        check_text_length(chat, config.max_text_chars)
+        chat = await asyncio.to_thread(parse_request, await _read_body(request, config.max_body_bytes), config)
         if chat.model is not None and chat.model != config.model_name:
             raise APIError(
                 404,
@@ -108,11 +106,8 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
             )
         setting = resolve_trim(chat.trim, default_setting)
         check_turns(setting, processor)
-        prompt = await encoder.encode(chat)
+        prompt, max_tokens = await encoder.encode(chat)
         check_fits(setting, model, prompt.inputs)
-        max_tokens = check_prompt_length(
-            prompt.prompt_tokens, chat.requested_max_tokens, engine.context_length, config.default_max_tokens
-        )
         job = Job(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             prompt=prompt,

@@ -17,15 +17,17 @@ from concurrent.futures import ThreadPoolExecutor
 from .config import ServeConfig
 from .errors import APIError
 from .metrics import ServeMetrics
-from .prompts import EncodedPrompt, build_conversation, encode_conversation
+from .images import decode_image_url
+from .prompts import EncodedPrompt, check_prompt_length, count_tokens, encode_text, render_prompt, template_messages
 from .schemas import ChatCompletionRequest
 
 
 class Encoder:
     """Turns checked chat requests into model inputs (`EncodedPrompt`) on its own threads, under its bounds."""
 
-    def __init__(self, processor, config: ServeConfig, metrics: ServeMetrics) -> None:
+    def __init__(self, processor, context_length: int, config: ServeConfig, metrics: ServeMetrics) -> None:
         self.processor = processor
+        self.context_length = context_length
         self.config = config
         self.metrics = metrics
         self._threads = ThreadPoolExecutor(config.encode_workers, thread_name_prefix="trimllama-encode")
@@ -33,9 +35,10 @@ class Encoder:
         self._decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)  # held by requests with images
         self._admitted = 0  # requests being encoded or waiting for it; only touched on the event loop
 
-    async def encode(self, chat: ChatCompletionRequest) -> EncodedPrompt:
-        """`chat` encoded on an encoder thread, holding a decode slot if it has images (until its thread is done,
-        even if the request is cancelled); a 503 when `encode_workers + max_queue` requests are admitted already."""
+    async def encode(self, chat: ChatCompletionRequest) -> tuple[EncodedPrompt, int]:
+        """`chat` encoded on an encoder thread, and its completion budget (`max_tokens`, checked against the
+        context), holding a decode slot if it has images (until its thread is done, even if the request is
+        cancelled); a 503 when `encode_workers + max_queue` requests are admitted already."""
         config = self.config
         if self._admitted >= config.encode_workers + config.max_queue:
             raise APIError(
@@ -65,15 +68,26 @@ class Encoder:
     def shutdown(self) -> None:
         self._threads.shutdown(wait=False, cancel_futures=True)
 
-    def _encode(self, chat: ChatCompletionRequest, gauges: tuple) -> EncodedPrompt:
-        """Decode the images, then render and tokenize the prompt (on an encoder thread, counted in `gauges`)."""
+    def _encode(self, chat: ChatCompletionRequest, gauges: tuple) -> tuple[EncodedPrompt, int]:
+        """Render the prompt, count its tokens against the context, then decode the images and run the processor
+        (on an encoder thread, counted in `gauges`): a prompt too long is refused before any image is decoded."""
         if not hasattr(self._local, "processor"):
             self._local.processor = copy.deepcopy(self.processor)
+        processor, limits = self._local.processor, self.config.images
         for gauge in gauges:
             gauge.inc()
         try:
-            conversation = build_conversation(chat.messages, self.config.images)
-            return encode_conversation(self._local.processor, conversation)
+            messages, urls = template_messages(chat.messages, limits)
+            text = render_prompt(processor, messages, len(urls))
+            if urls:
+                self._completion_budget(count_tokens(processor, text), chat)
+            prompt = encode_text(processor, text, [decode_image_url(url, limits, param) for url, param in urls])
+            return prompt, self._completion_budget(prompt.prompt_tokens, chat)
         finally:
             for gauge in gauges:
                 gauge.dec()
+
+    def _completion_budget(self, prompt_tokens: int, chat: ChatCompletionRequest) -> int:
+        return check_prompt_length(
+            prompt_tokens, chat.requested_max_tokens, self.context_length, self.config.default_max_tokens
+        )
