@@ -132,8 +132,8 @@ def test_models_health_and_metrics(server, client):
     assert health["status"] == "ok" and health["model"] == MODEL_NAME
     metrics = server.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    for name in ("trimllama_queue_depth", "trimllama_batch_size_count", "trimllama_image_tokens_before_total",
-                 "trimllama_image_tokens_after_total", "trimllama_cross_attention_cache_bytes_saved_total"):  # fmt: skip
+    for name in ("trimllama_queue_depth", "trimllama_batch_size_count", "trimllama_image_tokens_total",
+                 "trimllama_kept_tokens_total", "trimllama_cross_kv_bytes_after_total"):  # fmt: skip
         metric(metrics.text, name)
 
 
@@ -152,10 +152,10 @@ def test_correct_answer_untrimmed_and_trimmed(client, testbed, questions):
         assert response.choices[0].finish_reason == "stop"
         assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
     untrimmed_report, trimmed_report = untrimmed.model_extra["trim"], trimmed.model_extra["trim"]
-    assert untrimmed_report["image_tokens_after"] == untrimmed_report["image_tokens_before"] > 0
-    assert untrimmed_report["cross_attention_cache_bytes_saved"] == 0
-    assert 0 < trimmed_report["image_tokens_after"] < trimmed_report["image_tokens_before"]
-    assert trimmed_report["cross_attention_cache_bytes_saved"] > 0
+    assert untrimmed_report["kept_tokens"] == untrimmed_report["image_tokens"] > 0
+    assert untrimmed_report["cross_kv_bytes_saved"] == 0
+    assert 0 < trimmed_report["kept_tokens"] < trimmed_report["image_tokens"]
+    assert trimmed_report["cross_kv_bytes_saved"] > 0
     assert trimmed_report["method"].startswith("headwise_topk(head_k=0.25")
 
 

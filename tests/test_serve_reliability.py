@@ -158,8 +158,8 @@ def test_text_only_requests_pass_through_trimming(client, testbed):
         )
         assert response.choices[0].message.content == expected
         report = response.model_extra["trim"]
-        assert report["image_tokens_before"] == report["image_tokens_after"] == report["extra_tokens"] == 0
-        assert report["cross_attention_cache_bytes_saved"] == 0
+        assert report["image_tokens"] == report["kept_tokens"] == report["extra_tokens"] == 0
+        assert report["cross_kv_bytes_saved"] == 0
 
 
 def test_a_tiny_temperature_answers_greedily(client, questions):
