@@ -66,6 +66,7 @@ BAD_INPUTS = {
     "decompression bomb": (["generate", "--image", "{folder}/bomb.png"], r"refused image .*bomb\.png: .*decompression bomb"),
     "device file": (["generate", "--image", "/dev/zero"], r"not an image file: /dev/zero is not a regular file"),
     "directory": (["generate", "--image", "{folder}"], r"not an image file: .* is a directory"),
+    "past PIL's bomb warning": (["generate", "--image", "{folder}/large.png"], r"cannot read image .*large\.png"),
     "seed out of int64": (
         ["generate", "--image", "{image}", "--method", "random", "--param", "seed=99999999999999999999999"],
         r"seed=99999999999999999999999 is out of range",
@@ -84,6 +85,7 @@ def bad_runs(tmp_path_factory):
     image = folder / "image.png"
     make_questions(1, seed=5, qtypes=("color",))[0].image.save(image)
     (folder / "bomb.png").write_bytes(bomb_png(60000, 60000))
+    (folder / "large.png").write_bytes(bomb_png(10000, 10000))  # over PIL's warning, under its error
     commands = {
         name: [arg.format(folder=folder, image=image) for arg in args] + ["--prompt", PROMPT]
         for name, (args, _) in BAD_INPUTS.items()

@@ -128,6 +128,7 @@ def generate_alone(testbed, question, method=None) -> str:
 
 def test_models_health_and_metrics(server, client):
     assert [model.id for model in client.models.list().data] == [MODEL_NAME]
+    assert "Loading weights" not in server.output(), "a progress bar in a redirected log"
     health = server.get("/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL_NAME
     metrics = server.get("/metrics")
@@ -266,6 +267,8 @@ def bad_requests(question) -> list[tuple[str, dict, int, str]]:
         ("budget out of range", body(trim={"budget": 0}), 400, "budget=0 is out of range"),
         ("unknown setting", body(trim={"method": "floor", "head_k": 0.1}), 400, "method floor has no setting 'head_k'"),
         ("setting with none", body(trim={"method": "none", "head_k": 0.1}), 400, "no effect with method none"),
+        ("scoring layer with none", body(trim={"method": "none", "trim_scoring_layer": True}), 400,
+         "'trim.trim_scoring_layer': it has no effect with method none"),  # fmt: skip
         ("temperature out of range", body(temperature=5), 400, "'temperature'"),
         ("top_p out of range", body(top_p=0), 400, "'top_p'"),
         ("n > 1", body(n=2), 400, "one choice per request"),

@@ -16,6 +16,7 @@ import re
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -366,6 +367,7 @@ def run_serve(*options: str) -> subprocess.CompletedProcess:
         (["--encode-workers", "0"], r"--encode-workers must be >= 1"),
         (["--max-concurrent-decodes", "0"], r"--max-concurrent-decodes must be >= 1"),
         (["--port", "{busy}"], r"cannot listen on 127\.0\.0\.1:\d+: the port is in use"),
+        (["--host", ""], r"--host is empty: give an address, 127\.0\.0\.1 for this machine or 0\.0\.0\.0 for every"),
     ],
 )
 def test_serve_refuses_bad_settings_in_one_line(server, options, message):
@@ -495,5 +497,33 @@ def test_huge_request_shapes_are_refused_before_they_stall_anyone(questions):
         assert "at most 256 messages, 256 content parts" in refusals[0].json()["error"]["message"]
         assert probes >= 1
         assert rss_mib(server.process.pid) - before < 300
+    finally:
+        server.stop()
+
+
+def test_a_model_name_is_cut_short_in_the_404(server):
+    """Issue 24 item 5: the 404 echoed a 20 MB `model` string back."""
+    response = server.post("/v1/chat/completions", json={"model": "m" * 1_000_000, "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    assert len(response.content) < 1000 and "'mmmmm" in response.json()["error"]["message"]
+
+
+def test_port_0_reports_the_port_it_listens_on(checkpoint):
+    """Issue 24 item 5: with --port 0 the system picks the port; the start-up line names it, and it answers."""
+    server = Server("--model", str(checkpoint), "--port", "0")  # the last --port wins
+    try:
+        deadline = time.monotonic() + 120
+        while not (found := re.search(r"at http://127\.0\.0\.1:(\d+)/v1", server.output())):
+            assert time.monotonic() < deadline and server.process.poll() is None, server.output()
+            time.sleep(0.25)
+        port = int(found.group(1))
+        assert port not in (0, server.port)
+        while True:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=TIMEOUT).json()["status"] == "ok"
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.25)
     finally:
         server.stop()

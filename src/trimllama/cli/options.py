@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 from .. import loading
@@ -188,11 +189,26 @@ def resolve_device(name: str):
 
 
 def load_model(args: argparse.Namespace):
-    """(model, processor, device) for the model options (`trimllama.loading.load_model`)."""
+    """(model, processor, device) for the model options (`trimllama.loading.load_model`), with the libraries'
+    loading and download bars only when `progress_enabled` (never in a server's redirected log)."""
+    _set_library_progress(progress_enabled(args))
     try:
         return loading.load_model(args.model, args.device, args.dtype, args.attn_implementation)
     except TrimllamaError as error:
         raise CommandError(flag_message(error)) from None
+
+
+def _set_library_progress(enabled: bool) -> None:
+    """Let transformers / huggingface_hub draw their loading and download bars only when `enabled`."""
+    import huggingface_hub.utils
+    import transformers
+
+    if enabled:
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def load_image(path: str):
@@ -207,9 +223,13 @@ def load_image(path: str):
     if not file.is_file():
         raise CommandError(f"not an image file: {path} is not a regular file (a device, pipe or socket)")
     try:
-        with Image.open(file) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL's own bound decides (DecompressionBombError past twice its pixel limit); its warning below that
+            # would print two lines of its own before our answer
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image.load()
+                return image.convert("RGB")
     except UnidentifiedImageError:
         raise CommandError(f"not an image: {path} (unrecognised image format)") from None
     except Image.DecompressionBombError as error:

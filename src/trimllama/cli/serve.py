@@ -121,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
         from ..serve import create_app
     except ImportError as error:
         raise CommandError(f"serving needs the serve extra ({error.name} is missing): pip install 'trimllama[serve]'")
+    if not args.host.strip():
+        raise CommandError("--host is empty: give an address, 127.0.0.1 for this machine or 0.0.0.0 for every interface")
     if not 0 <= args.port <= 65535:
-        raise CommandError(f"--port {args.port} is out of range (0-65535)")
+        raise CommandError(f"--port {args.port} is out of range (0-65535; 0 picks a free port)")
     method = method_from_args(args)
     settings = {field: getattr(args, field) for field in SERVER_OPTIONS}
     if args.no_feature_cache:
@@ -139,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as error:  # ServeConfig checks the ranges; the CLI names its flags
         raise CommandError(_as_flag(str(error))) from None
     listener = _bind(args.host, args.port)  # before loading the model: a busy port is reported at once
+    port = listener.getsockname()[1]  # the one bound, also when --port 0 let the system pick it
     model, processor, device = load_model(args)
     app = create_app(model, processor, config)
     if config.api_key is None and not _is_loopback(args.host):
@@ -150,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
     trimming = method.label() if method is not None else "untrimmed"
     print(
         f"trimllama serve: {config.model_name} on {device} ({trimming}; batches of up to {config.max_batch_size}, "
-        f"window {config.batch_window_ms:g} ms) at http://{args.host}:{args.port}/v1",
+        f"window {config.batch_window_ms:g} ms) at http://{_url_host(args.host)}:{port}/v1",
         flush=True,
     )
     server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level))
@@ -192,6 +195,11 @@ def _as_flag(message: str) -> str:
     """`ServeConfig`'s message with the field it starts with named as its flag."""
     field = message.split(" ", 1)[0]
     return FLAGS[field] + message[len(field) :] if field in FLAGS else message
+
+
+def _url_host(host: str) -> str:
+    """`host` as a URL writes it (an IPv6 address in brackets)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _is_loopback(host: str) -> bool:

@@ -32,7 +32,7 @@ from .errors import APIError
 from .feature_cache import FeatureCache
 from .generation import Engine, SamplingParams
 from .metrics import ServeMetrics
-from .schemas import ChatCompletionRequest, parse_request
+from .schemas import ChatCompletionRequest, parse_request, shorten
 from .trimming import TrimSetting, check_fits, check_turns, resolve_trim
 
 CHAT_PATH = "/v1/chat/completions"
@@ -100,7 +100,8 @@ def create_app(model, processor, config: ServeConfig) -> FastAPI:
         if chat.model is not None and chat.model != config.model_name:
             raise APIError(
                 404,
-                f"model {chat.model!r} is not served here; this server serves {config.model_name!r} (GET /v1/models)",
+                f"model {shorten(chat.model)!r} is not served here; this server serves {config.model_name!r} "
+                "(GET /v1/models)",
                 param="model",
                 code="model_not_found",
             )

@@ -195,7 +195,7 @@ def _first_validation_error(error: ValidationError) -> Exception:
     if detail["type"] == "missing":
         return invalid(f"'{param}' is required", param, "missing_field")
     message = detail["msg"].removeprefix("Value error, ")
-    return invalid(f"'{param}': {message} (got {_short(detail.get('input'))})", param, "invalid_value")
+    return invalid(f"'{param}': {message} (got {shorten(_as_text(detail.get('input')))})", param, "invalid_value")
 
 
 def _location_parts(loc: tuple) -> list:
@@ -217,9 +217,13 @@ def _location(loc: tuple) -> str:
     return text
 
 
-def _short(value: object) -> str:
-    text = json.dumps(value) if not isinstance(value, BaseModel) else repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _as_text(value: object) -> str:
+    return json.dumps(value) if not isinstance(value, BaseModel) else repr(value)
+
+
+def shorten(text: str, limit: int = 60) -> str:
+    """`text` from a request cut to `limit` characters for a message (a client may send megabytes)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_supported(request: ChatCompletionRequest) -> None:
