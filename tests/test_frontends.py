@@ -190,7 +190,7 @@ def lmms_record(plugin, image, question: str) -> lmms_eval_model.KeptRecord:
 def test_the_same_prompt_for_the_same_model_image_and_question(plugin, request_parts):
     from trimllama.cli.answer import build_inputs
     from trimllama.serve.config import ImageLimits
-    from trimllama.serve.prompts import build_conversation, encode_conversation
+    from trimllama.serve.prompts import encode_messages
     from trimllama.serve.schemas import Message
 
     question, _, url = request_parts
@@ -199,7 +199,7 @@ def test_the_same_prompt_for_the_same_model_image_and_question(plugin, request_p
     message = Message.model_validate(
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]}
     )
-    served = encode_conversation(processor, build_conversation([message], ImageLimits())).inputs["input_ids"]
+    served = encode_messages(processor, [message], ImageLimits(), check_length=lambda tokens: None).inputs["input_ids"]
     lmms = processor(
         images=[[question.image]], text=[plugin.prompt(question.question, 1)], add_special_tokens=False, return_tensors="pt"
     )["input_ids"]

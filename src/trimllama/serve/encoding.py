@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from .config import ServeConfig
 from .errors import APIError
 from .metrics import ServeMetrics
-from .images import decode_image_url
-from .prompts import EncodedPrompt, check_prompt_length, count_tokens, encode_text, render_prompt, template_messages
+from .prompts import EncodedPrompt, check_prompt_length, encode_messages
 from .schemas import ChatCompletionRequest
 
 
@@ -73,16 +73,12 @@ class Encoder:
         (on an encoder thread, counted in `gauges`): a prompt too long is refused before any image is decoded."""
         if not hasattr(self._local, "processor"):
             self._local.processor = copy.deepcopy(self.processor)
-        processor, limits = self._local.processor, self.config.images
         for gauge in gauges:
             gauge.inc()
         try:
-            messages, urls = template_messages(chat.messages, limits)
-            text = render_prompt(processor, messages, len(urls))
-            if urls:
-                self._completion_budget(count_tokens(processor, text), chat)
-            prompt = encode_text(processor, text, [decode_image_url(url, limits, param) for url, param in urls])
-            return prompt, self._completion_budget(prompt.prompt_tokens, chat)
+            budget = functools.partial(self._completion_budget, chat=chat)
+            prompt = encode_messages(self._local.processor, chat.messages, self.config.images, check_length=budget)
+            return prompt, budget(prompt.prompt_tokens)
         finally:
             for gauge in gauges:
                 gauge.dec()

@@ -19,8 +19,7 @@ from typing import Protocol, Sequence
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from ..adapters import adapter_for
-from ..adapters import SampleStats
+from ..adapters import SampleStats, adapter_for
 from ..handle import TrimHandle, trim
 from .feature_cache import IMAGE_SLOT_INPUTS, FeatureCache, cached_image_features, slot_key
 from .prompts import EncodedPrompt, collate

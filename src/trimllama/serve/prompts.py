@@ -9,6 +9,7 @@ zeros, padding images with aspect-ratio id 0 and an aspect-ratio mask that marks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -51,10 +52,17 @@ class EncodedPrompt:
         return "pixel_values" in self.inputs
 
 
-def build_conversation(messages: list[Message], limits: ImageLimits) -> Conversation:
-    """Decode the images (data URLs only, under `limits`) and convert the parts for the chat template."""
+def encode_messages(
+    processor, messages: list[Message], limits: ImageLimits, check_length: Callable[[int], object]
+) -> EncodedPrompt:
+    """A request's messages as model inputs: rendered, and if they hold images, their tokens counted and given to
+    `check_length` (which raises when they cannot fit) before any image is decoded (data URLs only, under
+    `limits`) and the processor runs."""
     template, urls = template_messages(messages, limits)
-    return Conversation(template, [decode_image_url(url, limits, param) for url, param in urls])
+    text = render_prompt(processor, template, len(urls))
+    if urls:
+        check_length(count_tokens(processor, text))
+    return encode_text(processor, text, [decode_image_url(url, limits, param) for url, param in urls])
 
 
 def template_messages(messages: list[Message], limits: ImageLimits) -> tuple[list[dict], list[tuple[str, str]]]:

@@ -136,21 +136,21 @@ def parse_request(body: bytes, config: ServeConfig) -> ChatCompletionRequest:
     except ValidationError as error:
         raise _first_validation_error(error) from None
     _check_supported(request)
-    check_text_length(request, config.max_text_chars)
+    _check_text_length(request, config.max_text_chars)
     return request
 
 
-def structure_limit(config: ServeConfig) -> int:
+def _structure_limit(config: ServeConfig) -> int:
     """Commas, braces and brackets a request body within `config`'s limits can hold: each text character may be
     one, each message and content part needs fewer than 16, and 4096 cover every other field."""
     return config.max_text_chars + 16 * (config.max_messages + config.max_content_parts) + 4096
 
 
 def _check_structure(body: bytes, config: ServeConfig) -> None:
-    """400 when the body has more JSON structure than `structure_limit`: what `json.loads` builds (and its time
+    """400 when the body has more JSON structure than `_structure_limit`: what `json.loads` builds (and its time
     and memory) grows with it, e.g. 3.2 s and 660 MB for the 10 million empty arrays of a 30 MB body."""
     count = sum(body.count(byte) for byte in (b",", b"{", b"["))
-    limit = structure_limit(config)
+    limit = _structure_limit(config)
     if count > limit:
         raise invalid(
             f"the request body has {count} JSON separators and brackets, more than a request within the limits can "
@@ -245,7 +245,7 @@ def _check_supported(request: ChatCompletionRequest) -> None:
             raise invalid(f"'seed': {error}", "seed", "invalid_value") from None
 
 
-def check_text_length(request: ChatCompletionRequest, limit: int) -> None:
+def _check_text_length(request: ChatCompletionRequest, limit: int) -> None:
     """413 when the messages hold more than `limit` characters of text (before any tokenizing)."""
     total = request.text_chars
     if total > limit:
