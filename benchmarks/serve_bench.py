@@ -201,9 +201,9 @@ def summarise_level(concurrency: int, runs: list[dict], batches: float, served: 
         "latency_mean_s": float(np.mean(latencies)),
         "mean_batch_size": served / max(1.0, batches),
         "completion_tokens_mean": float(np.mean(completions)),
-        "image_tokens_before_mean": float(np.mean([r["image_tokens_before"] for r in reports])),
-        "image_tokens_after_mean": float(np.mean([r["image_tokens_after"] for r in reports])),
-        "cross_attention_cache_bytes_saved_mean": float(np.mean([r["cross_attention_cache_bytes_saved"] for r in reports])),
+        "image_tokens_mean": float(np.mean([r["image_tokens"] for r in reports])),
+        "kept_tokens_mean": float(np.mean([r["kept_tokens"] for r in reports])),
+        "cross_kv_bytes_saved_mean": float(np.mean([r["cross_kv_bytes_saved"] for r in reports])),
     }
 
 

@@ -60,13 +60,15 @@ def wait_for_metric(server, name: str, done) -> float:
 class Server(ServerProcess):
     """`trimllama serve` in a subprocess; its log is shown when it fails to come up."""
 
-    def __init__(self, *options: str, api_key: str | None = None) -> None:
+    def __init__(self, *options: str, api_key: str | None = None, prelude: str = "") -> None:
+        """`prelude`: Python run in the server process before the command (e.g. to inject a fault)."""
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         env.pop("TRIMLLAMA_API_KEY", None)
         if api_key:
             env["TRIMLLAMA_API_KEY"] = api_key
         port = free_port()
-        command = [sys.executable, "-c", "import sys; from trimllama.cli import main; sys.exit(main())", "serve"]
+        script = f"import sys\n{prelude}\nfrom trimllama.cli import main\nsys.exit(main())"
+        command = [sys.executable, "-c", script, "serve"]
         handle, log = tempfile.mkstemp(prefix="trimllama-serve-", suffix=".log")
         os.close(handle)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

@@ -66,6 +66,7 @@ BAD_INPUTS = {
     "decompression bomb": (["generate", "--image", "{folder}/bomb.png"], r"refused image .*bomb\.png: .*decompression bomb"),
     "device file": (["generate", "--image", "/dev/zero"], r"not an image file: /dev/zero is not a regular file"),
     "directory": (["generate", "--image", "{folder}"], r"not an image file: .* is a directory"),
+    "past PIL's bomb warning": (["generate", "--image", "{folder}/large.png"], r"cannot read image .*large\.png"),
     "seed out of int64": (
         ["generate", "--image", "{image}", "--method", "random", "--param", "seed=99999999999999999999999"],
         r"seed=99999999999999999999999 is out of range",
@@ -84,6 +85,7 @@ def bad_runs(tmp_path_factory):
     image = folder / "image.png"
     make_questions(1, seed=5, qtypes=("color",))[0].image.save(image)
     (folder / "bomb.png").write_bytes(bomb_png(60000, 60000))
+    (folder / "large.png").write_bytes(bomb_png(10000, 10000))  # over PIL's warning, under its error
     commands = {
         name: [arg.format(folder=folder, image=image) for arg in args] + ["--prompt", PROMPT]
         for name, (args, _) in BAD_INPUTS.items()
@@ -155,3 +157,30 @@ def test_eval_refuses_bad_settings_before_loading(capsys, options, message):
     assert main(["eval", *options]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("trimllama eval: error: ") and message in lines[0], lines
+
+
+NON_FINITE = {
+    "serve window nan": ["serve", "--batch-window-ms", "nan"],
+    "serve window inf": ["serve", "--batch-window-ms", "inf"],
+    "generate head-k overflow": ["generate", "--prompt", PROMPT, "--head-k", "1e999"],
+    "show head-k overflow": ["show", "--prompt", PROMPT, "--out", "x.png", "--head-k=-1e999"],
+    "demo head-k nan": ["demo", "--head-k", "nan"],
+    "bench fractions nan": ["bench", "--fractions", "1,nan"],
+    "sglang head-k overflow": ["sglang", "--budget", "8", "--head-k", "1e999"],
+}
+
+
+@pytest.fixture(scope="module")
+def non_finite_runs():
+    return run_scripts(NON_FINITE)
+
+
+@pytest.mark.parametrize("name", list(NON_FINITE))
+def test_non_finite_numbers_are_refused_in_one_line(non_finite_runs, name):
+    """Issue 24 item 3: every float option refuses nan, inf and values that overflow to inf (serve took
+    --batch-window-ms nan and never answered), with one line and exit 2, before any work."""
+    result = non_finite_runs[name]
+    command = NON_FINITE[name][0]
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert re.fullmatch(rf"trimllama {command}: error: argument --[a-z-]+: expected .*finite.*", lines[0]), lines[0]

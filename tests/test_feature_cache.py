@@ -79,6 +79,34 @@ def test_the_cache_never_exceeds_its_byte_limit_and_evicts_the_least_recently_us
     assert cache.get("huge") is None and len(cache) == 2 and cache.bytes == 320
 
 
+def held_bytes(cache: FeatureCache) -> int:
+    """Bytes of the storages the cache's entries keep alive (each counted once), not their counted sizes."""
+    storages = {entry.untyped_storage().data_ptr(): entry.untyped_storage().nbytes() for entry in cache._entries.values()}
+    return sum(storages.values())
+
+
+@torch.no_grad()
+def test_entries_hold_exactly_the_bytes_they_are_counted_for(testbed):
+    """Issue 24 item 2: after one batch of 8 new images, a cache with room for 2 entries holds at most its limit
+    (not 2 entries pinning the batch's whole feature tensor, 8x their counted size)."""
+    model, processor = testbed
+    images = [question.image for question in make_questions(8, seed=41)]
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what color ?"}]}]
+    jobs = [Job(encode_conversation(processor, Conversation(prompt, [image]))) for image in images]
+    entry_bytes = FeatureCache(max_bytes=2**30)
+    Engine(model, processor, entry_bytes).generate(jobs, TrimSetting(None))
+    assert len(entry_bytes) == 8
+    size = entry_bytes.bytes // 8
+    cache = FeatureCache(max_bytes=2 * size)
+    Engine(model, processor, cache).generate(jobs, TrimSetting(None))
+    assert len(cache) == 2 and cache.bytes == 2 * size
+    assert held_bytes(cache) == cache.bytes, f"2 entries hold {held_bytes(cache)} bytes, counted as {cache.bytes}"
+    view = torch.zeros(8, 10, 4)[0]  # a view of a tensor 8x its size
+    small = FeatureCache(max_bytes=1000)
+    small.put("view", view)
+    assert held_bytes(small) == small.bytes == view.nbytes
+
+
 @pytest.mark.parametrize(
     "method",
     [None, HeadwiseTopK(head_k=0.05), HeadwiseTopK(head_k=0.05, query_rows="last_turn"), MergeRemainder(HeadwiseTopK(head_k=0.05))],

@@ -10,6 +10,7 @@ And no module outside `adapters/` (and the model builders) reads a model's modul
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import re
@@ -196,7 +197,7 @@ def lmms_record(plugin, image, question: str) -> lmms_eval_model.KeptRecord:
 def test_the_same_prompt_for_the_same_model_image_and_question(plugin, request_parts):
     from trimllama.cli.answer import build_inputs
     from trimllama.serve.config import ImageLimits
-    from trimllama.serve.prompts import build_conversation, encode_conversation
+    from trimllama.serve.prompts import encode_messages
     from trimllama.serve.schemas import Message
 
     question, _, url = request_parts
@@ -205,32 +206,50 @@ def test_the_same_prompt_for_the_same_model_image_and_question(plugin, request_p
     message = Message.model_validate(
         {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]}
     )
-    served = encode_conversation(processor, build_conversation([message], ImageLimits())).inputs["input_ids"]
+    served = encode_messages(processor, [message], ImageLimits(), check_length=lambda tokens: None).inputs["input_ids"]
     lmms = processor(
         images=[[question.image]], text=[plugin.prompt(question.question, 1)], add_special_tokens=False, return_tensors="pt"
     )["input_ids"]
     assert torch.equal(cli, served) and torch.equal(cli, lmms)
 
 
+SAMPLE_NAMES = [field.name for field in dataclasses.fields(trimllama.SampleStats)] + ["kept_fraction", "cross_kv_bytes_saved"]
+
+
 def test_the_same_request_reports_the_same_tokens_and_bytes(plugin, request_parts, capsys):
+    """Issue 25 item 2: one name, one meaning. The server reports a request's `SampleStats` by their names (and
+    /metrics counts them under the same names); every name the CLI's JSON shares with it holds the same figure;
+    lmms-eval's record is the same `SampleStats`."""
     question, path, url = request_parts
     trimmed_cli = cli_generate(capsys, path, question.question, "--head-k", "0.1")
     untrimmed_cli = cli_generate(capsys, path, question.question, "--method", "none")
     trimmed_serve, untrimmed_serve = serve_reports(plugin, url, question.question, [{"head_k": 0.1}, {"method": "none"}])
     trimmed_lmms = lmms_record(plugin, question.image, question.question)
     for cli, served in ((trimmed_cli, trimmed_serve), (untrimmed_cli, untrimmed_serve)):
-        assert cli["cross_kv_bytes_before"] == served["cross_attention_cache_bytes_before"] > 0
-        assert cli["cross_kv_bytes_after"] == served["cross_attention_cache_bytes_after"] > 0
-        assert cli["image_tokens_valid"] == served["image_tokens_before"]
-        assert min(cli["image_tokens_after"], cli["image_tokens_valid"]) == served["image_tokens_after"]
-    assert (trimmed_lmms.image_tokens, trimmed_lmms.kept_tokens) == (
-        trimmed_serve["image_tokens_before"],
-        trimmed_serve["image_tokens_after"],
-    )
+        assert list(served) == ["method", *SAMPLE_NAMES]
+        shared = (set(cli) & set(served)) - {"method"}  # the CLI's `method` is a record, the server's a label
+        assert shared == {"extra_tokens", "kept_fraction", "cross_kv_bytes_before", "cross_kv_bytes_after", "cross_kv_bytes_saved"}
+        assert {name: cli[name] for name in shared} == {name: served[name] for name in shared}
+        assert served["cross_kv_bytes_before"] > 0 and served["image_tokens"] == cli["image_tokens_valid"]
+    assert {name: getattr(trimmed_lmms, name) for name in SAMPLE_NAMES} == {name: trimmed_serve[name] for name in SAMPLE_NAMES}
+    assert trimmed_serve["kept_tokens"] < trimmed_serve["image_tokens"]
     assert trimmed_cli["cross_kv_bytes_after"] < trimmed_cli["cross_kv_bytes_before"]
     # the untrimmed model keeps every token: a kept fraction of 1, not 4/3 for the padding tile
+    assert untrimmed_serve["kept_tokens"] == untrimmed_serve["image_tokens"] and untrimmed_serve["kept_fraction"] == 1.0
     assert untrimmed_cli["kept_fraction"] == 1.0 and untrimmed_cli["cross_kv_bytes_saved"] == 0
     assert untrimmed_cli["image_tokens_before"] > untrimmed_cli["image_tokens_valid"]
+
+
+def test_metrics_count_the_sample_figures_under_their_names(plugin, request_parts):
+    question, _, url = request_parts
+    app = create_app(plugin.model, plugin.processor, ServeConfig(model_name="testbed"))
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": question.question}]
+    body = {"messages": [{"role": "user", "content": content}], "max_tokens": 2, "trim": {"head_k": 0.1}}
+    with TestClient(app) as client:
+        report = client.post("/v1/chat/completions", json=body).json()["trim"]
+        metrics = client.get("/metrics").text
+    for field in dataclasses.fields(trimllama.SampleStats):
+        assert f"trimllama_{field.name}_total {float(report[field.name])}" in metrics.splitlines(), field.name
 
 
 def test_only_adapters_read_the_model_modules():

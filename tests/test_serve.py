@@ -128,12 +128,13 @@ def generate_alone(testbed, question, method=None) -> str:
 
 def test_models_health_and_metrics(server, client):
     assert [model.id for model in client.models.list().data] == [MODEL_NAME]
+    assert "Loading weights" not in server.output(), "a progress bar in a redirected log"
     health = server.get("/health").json()
     assert health["status"] == "ok" and health["model"] == MODEL_NAME
     metrics = server.get("/metrics")
     assert metrics.headers["content-type"].startswith("text/plain")
-    for name in ("trimllama_queue_depth", "trimllama_batch_size_count", "trimllama_image_tokens_before_total",
-                 "trimllama_image_tokens_after_total", "trimllama_cross_attention_cache_bytes_saved_total"):  # fmt: skip
+    for name in ("trimllama_queue_depth", "trimllama_batch_size_count", "trimllama_image_tokens_total",
+                 "trimllama_kept_tokens_total", "trimllama_cross_kv_bytes_after_total"):  # fmt: skip
         metric(metrics.text, name)
 
 
@@ -152,10 +153,10 @@ def test_correct_answer_untrimmed_and_trimmed(client, testbed, questions):
         assert response.choices[0].finish_reason == "stop"
         assert response.usage.total_tokens == response.usage.prompt_tokens + response.usage.completion_tokens
     untrimmed_report, trimmed_report = untrimmed.model_extra["trim"], trimmed.model_extra["trim"]
-    assert untrimmed_report["image_tokens_after"] == untrimmed_report["image_tokens_before"] > 0
-    assert untrimmed_report["cross_attention_cache_bytes_saved"] == 0
-    assert 0 < trimmed_report["image_tokens_after"] < trimmed_report["image_tokens_before"]
-    assert trimmed_report["cross_attention_cache_bytes_saved"] > 0
+    assert untrimmed_report["kept_tokens"] == untrimmed_report["image_tokens"] > 0
+    assert untrimmed_report["cross_kv_bytes_saved"] == 0
+    assert 0 < trimmed_report["kept_tokens"] < trimmed_report["image_tokens"]
+    assert trimmed_report["cross_kv_bytes_saved"] > 0
     assert trimmed_report["method"].startswith("headwise_topk(head_k=0.25")
 
 
@@ -256,6 +257,7 @@ def bad_requests(question) -> list[tuple[str, dict, int, str]]:
         ("local path", body([image_part("/etc/passwd"), text]), 400, "local file paths"),
         ("file url", body([image_part("file:///etc/passwd"), text]), 400, "local file paths"),
         ("too many bytes", body([image_part(data_url(big_file)), text]), 413, f"limit of {MAX_IMAGE_BYTES} bytes"),
+        ("body too large", body([{"type": "text", "text": "x" * 6_000_000}]), 413, "exceeds the limit of 4893362 bytes"),
         ("too many pixels", body([image_part(data_url(bomb_png(2000, 2000))), text]), 413, f"limit of {MAX_IMAGE_PIXELS} pixels"),
         ("decompression bomb", body([image_part(data_url(bomb_png(60000, 60000))), text]), 413, "decompression bomb"),
         ("prompt too long", body([image_part(good_url), {"type": "text", "text": "what " * 400}]), 400, "more than the model allows"),
@@ -265,6 +267,8 @@ def bad_requests(question) -> list[tuple[str, dict, int, str]]:
         ("budget out of range", body(trim={"budget": 0}), 400, "budget=0 is out of range"),
         ("unknown setting", body(trim={"method": "floor", "head_k": 0.1}), 400, "method floor has no setting 'head_k'"),
         ("setting with none", body(trim={"method": "none", "head_k": 0.1}), 400, "no effect with method none"),
+        ("scoring layer with none", body(trim={"method": "none", "trim_scoring_layer": True}), 400,
+         "'trim.trim_scoring_layer': it has no effect with method none"),  # fmt: skip
         ("temperature out of range", body(temperature=5), 400, "'temperature'"),
         ("top_p out of range", body(top_p=0), 400, "'top_p'"),
         ("n > 1", body(n=2), 400, "one choice per request"),

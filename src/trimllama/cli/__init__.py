@@ -6,12 +6,11 @@ are shared by the commands and are not commands themselves.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 
 from ..errors import TrimllamaError
-from .options import CommandError
+from .options import CommandError, OneLineParser
 
 COMMANDS = [
     "bench",
@@ -30,8 +29,8 @@ def subcommand_modules() -> list:
     return [importlib.import_module(f"{__name__}.{name}") for name in COMMANDS]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(
         prog="trimllama",
         description="Trim the cross-attended image features of Llama-3.2-Vision (HF Mllama) without training.",
     )

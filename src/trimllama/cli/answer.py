@@ -23,7 +23,6 @@ from .options import (
     load_model,
     method_from_args,
     progress_bar,
-    progress_enabled,
     resolve_device,
 )
 
@@ -144,7 +143,6 @@ def run(args: argparse.Namespace) -> Generation:
     images = [load_image(path) for path in args.image]
     method_from_args(args)  # refuse bad settings before loading the model
     resolve_device(args.device)
-    _set_library_progress(progress_enabled(args))
 
     model, processor, device = load_model(args)
     inputs = build_inputs(processor, images, args.prompt, args.chat_template)
@@ -251,19 +249,6 @@ class _TokenProgress:
 
     def end(self) -> None:
         self.bar.close()
-
-
-def _set_library_progress(enabled: bool) -> None:
-    """Let transformers / huggingface_hub draw their loading and download bars only when `enabled`."""
-    import huggingface_hub.utils
-    import transformers
-
-    if enabled:
-        transformers.utils.logging.enable_progress_bar()
-        huggingface_hub.utils.enable_progress_bars()
-    else:
-        transformers.utils.logging.disable_progress_bar()
-        huggingface_hub.utils.disable_progress_bars()
 
 
 def _mib(size: int) -> str:

@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 
 from ..bench.config import DEFAULTS, DTYPES
-from .options import CommandError, flag_message, progress_bar
+from .options import CommandError, finite_float, flag_message, progress_bar
 
 _DESCRIPTION = """\
 Builds a randomly initialised Mllama with the text widths of Llama-3.2-11B-Vision (hidden 4096, 32 heads,
@@ -89,10 +89,10 @@ def _int_list(text: str) -> tuple[int, ...]:
 
 def _float_list(text: str) -> tuple[float, ...]:
     try:
-        return tuple(float(item) for item in text.split(","))
-    except ValueError:
+        return tuple(finite_float(item) for item in text.split(","))
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(
-            f"expected comma-separated fractions such as 1.0,0.5,0.25, got {text!r}"
+            f"expected comma-separated finite fractions such as 1.0,0.5,0.25, got {text!r}"
         ) from None
 
 

@@ -10,6 +10,7 @@ import torch
 from ..handle import trim
 from ..loading import encode
 from ..methods import HeadwiseTopK, MergeRemainder
+from .options import finite_float
 
 
 def register(subparsers) -> argparse.ArgumentParser:
@@ -21,7 +22,7 @@ def register(subparsers) -> argparse.ArgumentParser:
         "accuracy, kept tokens and cache bytes.",
     )
     parser.add_argument("--questions", type=int, default=24, help="held-out questions to ask (default 24)")
-    parser.add_argument("--head-k", type=float, default=0.05, help="HeadwiseTopK per-head fraction (default 0.05)")
+    parser.add_argument("--head-k", type=finite_float, default=0.05, help="HeadwiseTopK per-head fraction (default 0.05)")
     parser.add_argument("--seed", type=int, default=1234, help="seed of the held-out questions")
     return parser
 

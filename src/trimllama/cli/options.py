@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
 from pathlib import Path
 
 from .. import loading
@@ -65,12 +67,33 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--attn-implementation", default="sdpa", choices=["sdpa", "eager"], help="attention backend")
 
 
-def parse_count_or_fraction(text: str) -> int | float:
-    """'0.25' -> 0.25 (a fraction), '64' -> 64 (a count)."""
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, `trimllama COMMAND: error: ...`, and exit status 2 (no usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def finite_float(text: str) -> float:
+    """A float option's value; nan, inf and values that overflow to inf (1e999) are refused."""
     try:
-        return float(text) if any(c in text for c in ".eE") else int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a count (e.g. 64) or a fraction (e.g. 0.25), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def parse_count_or_fraction(text: str) -> int | float:
+    """'0.25' -> 0.25 (a fraction), '64' -> 64 (a count); a float that overflows to inf (1e999) is refused."""
+    try:
+        value = float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count (e.g. 64) or a fraction (e.g. 0.25), got {text!r}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
 
 
 def add_method_options(parser: argparse.ArgumentParser, default_method: str = "headwise_topk") -> None:
@@ -174,11 +197,26 @@ def resolve_device(name: str):
 
 
 def load_model(args: argparse.Namespace):
-    """(model, processor, device) for the model options (`trimllama.loading.load_model`)."""
+    """(model, processor, device) for the model options (`trimllama.loading.load_model`), with the libraries'
+    loading and download bars only when `progress_enabled` (never in a server's redirected log)."""
+    _set_library_progress(progress_enabled(args))
     try:
         return loading.load_model(args.model, args.device, args.dtype, args.attn_implementation)
     except TrimllamaError as error:
         raise CommandError(flag_message(error)) from None
+
+
+def _set_library_progress(enabled: bool) -> None:
+    """Let transformers / huggingface_hub draw their loading and download bars only when `enabled`."""
+    import huggingface_hub.utils
+    import transformers
+
+    if enabled:
+        transformers.utils.logging.enable_progress_bar()
+        huggingface_hub.utils.enable_progress_bars()
+    else:
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def load_image(path: str):
@@ -193,9 +231,13 @@ def load_image(path: str):
     if not file.is_file():
         raise CommandError(f"not an image file: {path} is not a regular file (a device, pipe or socket)")
     try:
-        with Image.open(file) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            # PIL's own bound decides (DecompressionBombError past twice its pixel limit); its warning below that
+            # would print two lines of its own before our answer
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(file) as image:
+                image.load()
+                return image.convert("RGB")
     except UnidentifiedImageError:
         raise CommandError(f"not an image: {path} (unrecognised image format)") from None
     except Image.DecompressionBombError as error:

@@ -88,13 +88,20 @@ class Request:
 
 
 class Batcher:
-    """Owns the queue and the generation thread."""
+    """Owns the queue and the generation thread.
+
+    If the generation thread dies (a fault outside any one batch's isolation), `failure` says why, every request
+    it held or that waits is failed with a 500, and every later `submit` too: nothing waits for a thread that
+    is gone.
+    """
 
     def __init__(self, engine: Engine, config: ServeConfig, metrics: ServeMetrics) -> None:
         self.engine = engine
         self.config = config
         self.metrics = metrics
+        self.failure: str | None = None
         self._pending: list[Request] = []
+        self._running: list[Request] = []
         self._condition = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -116,12 +123,24 @@ class Batcher:
             self._thread.join(timeout)
 
     @property
+    def problem(self) -> str | None:
+        """None while the generation thread serves; else why it does not."""
+        if self.failure is not None:
+            return f"the generation thread died ({self.failure})"
+        if self._thread is None or not self._thread.is_alive():
+            return "the generation thread is not running"
+        return None
+
+    @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
     def submit(self, request: Request) -> None:
-        """Queue a request; QueueFullError if `max_queue` requests wait already."""
+        """Queue a request; QueueFullError if `max_queue` requests wait already, the 500 of `failure` if the
+        generation thread is dead."""
         with self._condition:
+            if self.failure is not None:
+                raise self._failure_error()
             if len(self._pending) >= self.config.max_queue:
                 raise QueueFullError(f"{len(self._pending)} requests are waiting (--max-queue {self.config.max_queue})")
             self._pending.append(request)
@@ -140,15 +159,40 @@ class Batcher:
     # -- generation thread ---------------------------------------------------------------------
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            now = time.monotonic()
-            for request in batch:
-                request.started = now
-                self.metrics.queue_wait.observe(now - request.arrival)
-            self.metrics.batch_size.observe(len(batch))
-            self.metrics.running.set(len(batch))
-            self._run(batch)
+        try:
+            while (batch := self._next_batch()) is not None:
+                now = time.monotonic()
+                for request in batch:
+                    request.started = now
+                    self.metrics.queue_wait.observe(now - request.arrival)
+                self.metrics.batch_size.observe(len(batch))
+                self.metrics.running.set(len(batch))
+                self._running = batch
+                self._run(batch)
+                self._running = []
+                self.metrics.running.set(0)
+        except BaseException as error:  # noqa: BLE001 - the thread is gone: fail what it held, then say so
+            logger.critical("the generation thread died; failing every request", exc_info=error)
+            self._fail_all(f"{type(error).__name__}: {error}")
+
+    def _fail_all(self, failure: str) -> None:
+        """Record the thread's death, and fail the running batch's and the waiting requests."""
+        with self._condition:
+            self.failure = failure
+            held = [*self._running, *self._pending]
+            self._running, self._pending = [], []
+            self.metrics.queue_depth.set(0)
             self.metrics.running.set(0)
+        for request in held:
+            if not (request.finished or request.cancelled()):
+                request.fail(self._failure_error())
+
+    def _failure_error(self) -> APIError:
+        return APIError(
+            500,
+            f"the server's generation thread stopped ({self.failure}); it cannot answer until it is restarted",
+            code="generation_thread_died",
+        )
 
     def _next_batch(self) -> list[Request] | None:
         """Block until a batch is due; None when stopping."""

@@ -8,6 +8,8 @@ from PIL import Image
 
 from ..methods import SelectionMethod
 
+MAX_BATCH_WINDOW_MS = 60_000.0  # a request never waits longer than a minute for others to join its batch
+
 
 @dataclass(frozen=True)
 class ImageLimits:
@@ -35,10 +37,18 @@ class ServeConfig:
         trim_scoring_layer: default of the per-request `trim.trim_scoring_layer`.
         api_key: if set, every request needs `Authorization: Bearer <api_key>`.
         max_batch_size: requests served together in one prefill and decode.
-        batch_window_ms: how long the oldest waiting request waits for others to join its batch.
+        batch_window_ms: how long the oldest waiting request waits for others to join its batch (at most
+            `MAX_BATCH_WINDOW_MS`).
         max_queue: requests waiting for a batch; one more is answered 503.
         default_max_tokens: completion length when a request gives no `max_tokens` (capped by the context).
         images: per-request image limits.
+        max_body_bytes: bytes of one request body (413); None: enough for `images.max_images` images of
+            `images.max_bytes`, base64-encoded, and `max_text_chars` of text with every character JSON-escaped
+            (6 bytes), plus 1 MiB for the rest (32,156,338 bytes with the defaults).
+        max_messages: messages in one request (400), checked before the body is validated.
+        max_content_parts: content parts in one request, all messages together (400), checked with
+            `max_messages`. With them, neither parsing nor the chat template has more than a few hundred
+            items to go through, whatever the body holds.
         max_text_chars: characters of text in one request (all messages), checked before tokenizing (413).
         encode_workers: requests whose images are decoded and prompt tokenized at the same time, each in
             its own thread with its own processor: with the image and text limits, this bounds the
@@ -61,34 +71,37 @@ class ServeConfig:
     max_queue: int = 64
     default_max_tokens: int = 512
     images: ImageLimits = ImageLimits()
+    max_body_bytes: int | None = None
+    max_messages: int = 256
+    max_content_parts: int = 256
     max_text_chars: int = 512 * 1024
     encode_workers: int = 2
     max_concurrent_decodes: int = 2
     feature_cache_bytes: int = 2**30
 
     def __post_init__(self) -> None:
-        counts = "max_batch_size max_queue default_max_tokens max_text_chars encode_workers max_concurrent_decodes"
+        if self.max_body_bytes is None:
+            images = self.images.max_images * (self.images.max_bytes * 4 // 3 + 4)
+            object.__setattr__(self, "max_body_bytes", images + 6 * self.max_text_chars + 2**20)
+        counts = (
+            "max_batch_size max_queue default_max_tokens max_body_bytes max_messages max_content_parts max_text_chars "
+            "encode_workers max_concurrent_decodes"
+        )
         for name in counts.split():
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.feature_cache_bytes < 0:
             raise ValueError(f"feature_cache_bytes must be >= 0 (0 turns the feature cache off), got {self.feature_cache_bytes}")
-        if self.batch_window_ms < 0:
-            raise ValueError(f"batch_window_ms must be >= 0, got {self.batch_window_ms}")
+        if not 0 <= self.batch_window_ms <= MAX_BATCH_WINDOW_MS:  # also refuses nan
+            raise ValueError(f"batch_window_ms must lie in [0, {MAX_BATCH_WINDOW_MS}], got {self.batch_window_ms}")
         for name in ("max_bytes", "max_pixels", "max_images"):
             if getattr(self.images, name) < 1:
-                raise ValueError(f"image limit {name} must be >= 1, got {getattr(self.images, name)}")
+                raise ValueError(f"images.{name} must be >= 1, got {getattr(self.images, name)}")
         if Image.MAX_IMAGE_PIXELS is not None and self.images.max_pixels > Image.MAX_IMAGE_PIXELS:
             raise ValueError(
-                f"max_pixels must be at most {Image.MAX_IMAGE_PIXELS} (PIL's decompression-bomb limit), "
+                f"images.max_pixels must be at most {Image.MAX_IMAGE_PIXELS} (PIL's decompression-bomb limit), "
                 f"got {self.images.max_pixels}"
             )
         key = self.api_key
         if key is not None and not (key and key.isascii() and key.isprintable() and key == key.strip()):
             raise ValueError("the API key must be printable ASCII without surrounding spaces (HTTP headers carry ASCII)")
-
-    @property
-    def max_body_bytes(self) -> int:
-        """Largest request body accepted: every image at its byte limit, base64-encoded, the text at its
-        character limit with every character JSON-escaped (6 bytes), and 1 MiB for the rest."""
-        return self.images.max_images * (self.images.max_bytes * 4 // 3 + 4) + 6 * self.max_text_chars + 2**20

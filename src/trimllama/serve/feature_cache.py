@@ -31,7 +31,8 @@ def slot_key(pixel_values: torch.Tensor, aspect_ratio_id: torch.Tensor, aspect_r
 
 
 class FeatureCache:
-    """LRU of `key -> (tiles * patches, hidden)` feature tensors whose bytes never exceed `max_bytes`.
+    """LRU of `key -> (tiles * patches, hidden)` feature tensors whose bytes never exceed `max_bytes`; each entry
+    is its own contiguous copy, so the counted bytes are the bytes held.
 
     Thread-safe. An entry larger than the whole cache is not stored. `hits`, `misses` and `evicted` count
     lookups and evictions since start; `bytes` is what the entries hold now.
@@ -60,6 +61,8 @@ class FeatureCache:
             return features
 
     def put(self, key: str, features: torch.Tensor) -> None:
+        """Store a copy of `features` that owns exactly its `nbytes` (a row of a batch tensor is a view that
+        would keep the whole batch alive)."""
         size = features.nbytes
         with self._lock:
             if key in self._entries or size > self.max_bytes:
@@ -68,7 +71,7 @@ class FeatureCache:
                 _, dropped = self._entries.popitem(last=False)
                 self.bytes -= dropped.nbytes
                 self.evicted += 1
-            self._entries[key] = features
+            self._entries[key] = features.clone(memory_format=torch.contiguous_format)
             self.bytes += size
 
     def collect(self):

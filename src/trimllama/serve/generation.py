@@ -12,13 +12,14 @@ ignored) until every row is done: this is request-level batching, not iteration-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from ..adapters import adapter_for
+from ..adapters import SampleStats, adapter_for
 from ..handle import TrimHandle, trim
 from .feature_cache import FeatureCache, cached_image_features, slot_key
 from .prompts import EncodedPrompt, collate
@@ -39,37 +40,20 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class TrimReport:
-    """What trimming did for one request (its own image tokens, without batch padding).
-
-    Attributes:
-        method: the method's label, or "none".
-        image_tokens_before: image tokens of the request's images that its text sees.
-        image_tokens_after: tokens kept for the trimmed cross-attention layers.
-        extra_tokens: tokens the method added for those layers (e.g. one remainder per tile).
-        cache_bytes_before / cache_bytes_after: the request's cross-attention KV cache, all
-            cross-attention layers, untrimmed and as served.
-    """
+    """What trimming did for one request: the method's label ("none" untrimmed) and the request's own
+    `SampleStats` (its image tokens without batch or tile padding, those kept, those added, its cache bytes)."""
 
     method: str
-    image_tokens_before: int
-    image_tokens_after: int
-    extra_tokens: int
-    cache_bytes_before: int
-    cache_bytes_after: int
-
-    @property
-    def cache_bytes_saved(self) -> int:
-        return self.cache_bytes_before - self.cache_bytes_after
+    sample: SampleStats
 
     def as_dict(self) -> dict:
+        """The `trim` object of a response: `method`, then `SampleStats`' fields and properties by their names."""
+        sample = self.sample
         return {
             "method": self.method,
-            "image_tokens_before": self.image_tokens_before,
-            "image_tokens_after": self.image_tokens_after,
-            "extra_tokens": self.extra_tokens,
-            "cross_attention_cache_bytes_before": self.cache_bytes_before,
-            "cross_attention_cache_bytes_after": self.cache_bytes_after,
-            "cross_attention_cache_bytes_saved": self.cache_bytes_saved,
+            **dataclasses.asdict(sample),
+            "kept_fraction": sample.kept_fraction,
+            "cross_kv_bytes_saved": sample.cross_kv_bytes_saved,
         }
 
 
@@ -315,10 +299,7 @@ class Engine:
         (`TrimStats.samples`)."""
         stats = handle.stats if handle is not None else self.facts.untrimmed_stats(self.model, batch)
         label = setting.label if handle is not None else "none"
-        return [
-            TrimReport(label, s.image_tokens, s.kept_tokens, s.extra_tokens, s.cross_kv_bytes_before, s.cross_kv_bytes_after)
-            for s in stats.samples
-        ]
+        return [TrimReport(label, sample) for sample in stats.samples]
 
 
 def _warpers(sampling: SamplingParams) -> LogitsProcessorList | None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from ..adapters import SampleStats
 from .generation import RowResult
 
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+SAMPLE_HELP = {  # `SampleStats` field -> what it counts, per request
+    "image_tokens": "Image tokens of the request's own images that its text sees (padding tiles excluded)",
+    "kept_tokens": "Of those, image tokens kept for the trimmed cross-attention layers",
+    "extra_tokens": "Tokens a method added for those layers (e.g. one remainder per tile)",
+    "cross_kv_bytes_before": "Cross-attention KV cache bytes of the request's own tokens, untrimmed",
+    "cross_kv_bytes_after": "Cross-attention KV cache bytes of the request's own tokens, as served",
+}
 
 
 class ServeMetrics:
@@ -56,17 +66,12 @@ class ServeMetrics:
         self.completion_tokens = Counter(
             "trimllama_completion_tokens", "Generated tokens of completed requests", registry=registry
         )
-        self.image_tokens_before = Counter(
-            "trimllama_image_tokens_before", "Image tokens the requests' text sees, before trimming", registry=registry
-        )
-        self.image_tokens_after = Counter(
-            "trimllama_image_tokens_after", "Image tokens kept for the trimmed cross-attention layers", registry=registry
-        )
-        self.cache_bytes_saved = Counter(
-            "trimllama_cross_attention_cache_bytes_saved",
-            "Cross-attention KV cache bytes that trimming saved (per request, without batch padding)",
-            registry=registry,
-        )
+        self.samples = {  # one counter per `SampleStats` field, of the same name and meaning
+            field.name: Counter(
+                f"trimllama_{field.name}", f"{SAMPLE_HELP[field.name]}, summed over completed requests", registry=registry
+            )
+            for field in dataclasses.fields(SampleStats)
+        }
         for outcome in ("completed", "cancelled", "failed", "rejected", "invalid"):
             self.requests.labels(outcome)
 
@@ -75,9 +80,8 @@ class ServeMetrics:
         self.latency.observe(latency_s)
         self.prompt_tokens.inc(result.prompt_tokens)
         self.completion_tokens.inc(result.completion_tokens)
-        self.image_tokens_before.inc(result.trim.image_tokens_before)
-        self.image_tokens_after.inc(result.trim.image_tokens_after)
-        self.cache_bytes_saved.inc(result.trim.cache_bytes_saved)
+        for name, counter in self.samples.items():
+            counter.inc(getattr(result.trim.sample, name))
 
     def render(self) -> bytes:
         """The Prometheus text exposition format."""

@@ -9,6 +9,7 @@ zeros, padding images with aspect-ratio id 0 and an aspect-ratio mask that marks
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -48,54 +49,80 @@ class EncodedPrompt:
         return "pixel_values" in self.inputs
 
 
-def build_conversation(messages: list[Message], limits: ImageLimits) -> Conversation:
-    """Decode the images (data URLs only, under `limits`) and convert the parts for the chat template."""
-    image_count = sum(
-        isinstance(part, ImagePart) for message in messages if isinstance(message.content, list) for part in message.content
-    )
-    if image_count > limits.max_images:
+def encode_messages(
+    processor, messages: list[Message], limits: ImageLimits, check_length: Callable[[int], object]
+) -> EncodedPrompt:
+    """A request's messages as model inputs: rendered, and if they hold images, their tokens counted and given to
+    `check_length` (which raises when they cannot fit) before any image is decoded (data URLs only, under
+    `limits`) and the processor runs."""
+    template, urls = template_messages(messages, limits)
+    text = render_prompt(processor, template, len(urls))
+    if urls:
+        check_length(count_tokens(processor, text))
+    return encode_text(processor, text, [decode_image_url(url, limits, param) for url, param in urls])
+
+
+def template_messages(messages: list[Message], limits: ImageLimits) -> tuple[list[dict], list[tuple[str, str]]]:
+    """The messages in the chat-template form (`{"type": "image"}` parts), and each image's data URL with where
+    it sits in the request, in order; nothing is decoded. A 400 past `limits.max_images` images."""
+    urls = [
+        (part.image_url.url, f"messages[{index}].content[{part_index}].image_url.url")
+        for index, message in enumerate(messages)
+        for part_index, part in enumerate(message.parts)
+        if isinstance(part, ImagePart)
+    ]
+    if len(urls) > limits.max_images:
         raise invalid(
-            f"'messages': {image_count} images, more than the limit of {limits.max_images} images per request "
+            f"'messages': {len(urls)} images, more than the limit of {limits.max_images} images per request "
             "(--max-images)",
             "messages",
             "too_many_images",
         )
-    converted, images = [], []
-    for index, message in enumerate(messages):
+    converted = []
+    for message in messages:
         role = "system" if message.role == "developer" else message.role
         if not isinstance(message.content, list):
             converted.append({"role": role, "content": message.content or ""})
             continue
-        parts = []
-        for part_index, part in enumerate(message.content):
-            if isinstance(part, ImagePart):
-                param = f"messages[{index}].content[{part_index}].image_url.url"
-                images.append(decode_image_url(part.image_url.url, limits, param))
-                parts.append({"type": "image"})
-            else:
-                parts.append({"type": "text", "text": part.text})
+        parts = [{"type": "image"} if isinstance(part, ImagePart) else {"type": "text", "text": part.text} for part in message.content]
         converted.append({"role": role, "content": parts})
-    return Conversation(converted, images)
+    return converted, urls
 
 
 def encode_conversation(processor, conversation: Conversation) -> EncodedPrompt:
-    """Render the prompt (`trimllama.loading.chat_text`, the one prompt rule) and run the processor on it."""
+    """Render the prompt (`render_prompt`) and run the processor on it with the images."""
+    return encode_text(processor, render_prompt(processor, conversation.messages, len(conversation.images)), conversation.images)
+
+
+def render_prompt(processor, messages: list[dict], images: int) -> str:
+    """The prompt text of chat-template `messages` (`trimllama.loading.chat_text`, the one prompt rule); a 400 if
+    it does not place one image token per image."""
     from jinja2 import TemplateError
 
     try:
-        text = chat_text(processor, conversation.messages)
+        text = chat_text(processor, messages)
     except PromptError as error:
         raise invalid(f"'messages': {error}", "messages") from None
     except TemplateError as error:
         raise invalid(f"'messages': the model's chat template refused the conversation ({error})", "messages") from None
     image_token = processor.image_token
-    if text.count(image_token) != len(conversation.images):
+    if text.count(image_token) != images:
         raise invalid(
             f"'messages': the chat template placed {text.count(image_token)} image tokens for "
-            f"{len(conversation.images)} images (images are read from user messages only)",
+            f"{images} images (images are read from user messages only)",
             "messages",
         )
-    images = [conversation.images] if conversation.images else None
+    return text
+
+
+def count_tokens(processor, text: str) -> int:
+    """Tokens of a rendered prompt, as `encode_text` tokenizes it, without preparing any image."""
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_text(processor, text: str, images: list[Image.Image]) -> EncodedPrompt:
+    """The processor's inputs for a rendered prompt and its images."""
+    images = [images] if images else None
     try:
         encoded = encode(processor, [text], images)
     except (ValueError, TypeError) as error:

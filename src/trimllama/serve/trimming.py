@@ -46,6 +46,12 @@ def resolve_trim(options: TrimOptions | None, default: TrimSetting) -> TrimSetti
         method = method_from_settings(options.method, dict(settings, merge_remainder=options.merge_remainder))
     except TrimllamaError as error:
         raise trim_error(error) from None
+    if method is None and options.trim_scoring_layer:
+        raise invalid(
+            "'trim.trim_scoring_layer': it has no effect with method none (the untrimmed model)",
+            "trim.trim_scoring_layer",
+            "invalid_trim_setting",
+        )
     return TrimSetting(method, scoring and method is not None)
 
 
