@@ -170,6 +170,11 @@ def encode(processor, texts: list[str], images: list[list] | None = None):
     return processor(images=images, text=texts, add_special_tokens=False, padding=True, return_tensors="pt")
 
 
+def count_tokens(processor, text: str) -> int:
+    """Tokens of one prompt as `encode` tokenizes it, without preparing any image (cheap: checks a length first)."""
+    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
 def first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__

@@ -17,7 +17,6 @@ from collections import OrderedDict
 import torch
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-IMAGE_SLOT_INPUTS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")  # per (sample, image) slot
 
 
 def slot_key(pixel_values: torch.Tensor, aspect_ratio_id: torch.Tensor, aspect_ratio_mask: torch.Tensor) -> str:
@@ -107,7 +106,7 @@ def cached_image_features(cache: FeatureCache, facts, model, batch: dict, keys: 
     if missing:
         samples = torch.tensor([s for s, _ in missing])
         images = torch.tensor([i for _, i in missing])
-        slots = [batch[name][samples, images][:, None] for name in IMAGE_SLOT_INPUTS]  # one image per row
+        slots = [batch[name][samples, images][:, None] for name in facts.image_inputs]  # one image per row
         computed = facts.image_features(model, *slots)  # (missing, tiles * patches, hidden)
         for (sample, image), features in zip(missing, computed):
             key = keys[sample][image]

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ..errors import PromptError
-from ..loading import chat_text, encode
+from ..loading import chat_text, count_tokens, encode
 from .config import ImageLimits
 from .errors import APIError, invalid
 from .images import decode_image_url
@@ -113,11 +113,6 @@ def render_prompt(processor, messages: list[dict], images: int) -> str:
             "messages",
         )
     return text
-
-
-def count_tokens(processor, text: str) -> int:
-    """Tokens of a rendered prompt, as `encode_text` tokenizes it, without preparing any image."""
-    return len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 def encode_text(processor, text: str, images: list[Image.Image]) -> EncodedPrompt:
