@@ -296,7 +296,7 @@ def test_a_reserved_name_in_the_trim_object_is_a_400_naming_it(plugin, request_p
     error = refused.json()["error"]
     assert error["param"] == f"trim.{key}" and str(core.value) in error["message"]
     assert image_turn.status_code == 200, image_turn.text
-    assert 0 < image_turn.json()["trim"]["image_tokens_after"] < image_turn.json()["trim"]["image_tokens_before"]
+    assert 0 < image_turn.json()["trim"]["kept_tokens"] < image_turn.json()["trim"]["image_tokens"]
 
 
 def test_no_front_end_adds_a_second_bos_on_a_tokenizer_that_adds_one(request_parts):
@@ -308,7 +308,7 @@ def test_no_front_end_adds_a_second_bos_on_a_tokenizer_that_adds_one(request_par
     from trimllama.cli.eval import question_prompt
     from trimllama.harness.evaluate import encode_questions
     from trimllama.serve.config import ImageLimits
-    from trimllama.serve.prompts import build_conversation, encode_conversation
+    from trimllama.serve.prompts import encode_messages
     from trimllama.serve.schemas import Message
     from trimllama.testbed.build import make_processor
 
@@ -324,7 +324,7 @@ def test_no_front_end_adds_a_second_bos_on_a_tokenizer_that_adds_one(request_par
     )
     encoded = {
         "cli": build_inputs(processor, [question.image], question.question, "auto")["input_ids"],
-        "serve": encode_conversation(processor, build_conversation([message], ImageLimits())).inputs["input_ids"],
+        "serve": encode_messages(processor, [message], ImageLimits(), lambda tokens: None).inputs["input_ids"],
         "eval": encode_questions(processor, [question], question_prompt)[0]["input_ids"],
     }
     for front_end, ids in encoded.items():
