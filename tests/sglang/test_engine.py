@@ -35,6 +35,7 @@ def test_server_info_names_the_override(stock_server, trimmed_server):
     assert info["model"] == "trimllama.integrations.sglang.model.MllamaForConditionalGeneration"
     assert info["method"].startswith(f"headwise_topk(head_k=0.25, budget={BUDGET}")
     assert (info["layout"], info["scoring_rows"]) == ("image_pool", "image_turn")
+    assert info["pool"] == {"decoder_layers": 5, "cross_attention_layers": [1, 3], "slots_per_image_token": 0.4, "slots_per_text_token": 1}
     assert "trimllama" not in stock_server.server_info()
     assert "trimllama: serving Mllama with headwise_topk" in trimmed_server.log.read_text()
 

@@ -14,13 +14,14 @@ import sys
 SERVER_INFO_PATHS = ("/server_info", "/get_server_info")
 
 
-def server_info(settings) -> dict:
-    """What `/server_info` reports under `trimllama`."""
+def server_info(settings, model_path: str | None) -> dict:
+    """What `/server_info` reports under `trimllama`: the override, its settings, and the pool layout's figures for
+    the checkpoint at `model_path` (its decoder and cross-attention layers, the share of a slot an image token takes)."""
     from ... import __version__
     from .settings import EXTERNAL_PACKAGE, scored_rows
 
     method = settings.build()
-    return {
+    info = {
         "model": f"{EXTERNAL_PACKAGE}.model.MllamaForConditionalGeneration",
         "version": __version__,
         "method": method.label() if method is not None else "none",
@@ -28,6 +29,35 @@ def server_info(settings) -> dict:
         "layout": settings.layout,
         "scoring_rows": scored_rows(method),
     }
+    if model_path is not None:
+        layout = pool_layout(model_path, packed=settings.layout == "image_pool")
+        info["pool"] = {
+            "decoder_layers": layout.layers,
+            "cross_attention_layers": list(layout.cross_layers),
+            "slots_per_image_token": layout.slots_per_image_token,
+            "slots_per_text_token": 1,
+        }
+    return info
+
+
+def pool_layout(model_path: str, packed: bool):
+    """The `layout.PoolLayout` of the Mllama checkpoint at `model_path` (its config only)."""
+    from transformers import AutoConfig
+
+    from ...adapters import mllama_facts
+    from .layout import PoolLayout
+
+    text = AutoConfig.from_pretrained(model_path).text_config
+    return PoolLayout(int(text.num_hidden_layers), tuple(mllama_facts.cross_attention_layers(text)), packed)
+
+
+def model_path_of(argv: list[str]) -> str | None:
+    """SGLang's `--model-path` (or `--model`) among its arguments."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--model-path", "--model", dest="model_path")
+    return parser.parse_known_args(argv)[0].model_path
 
 
 class ServerInfo:
@@ -61,7 +91,7 @@ def main(argv: list[str]) -> None:
 
     from .settings import EngineSettings
 
-    app.add_middleware(ServerInfo, info=server_info(EngineSettings.from_environment()))
+    app.add_middleware(ServerInfo, info=server_info(EngineSettings.from_environment(), model_path_of(argv)))
     sys.argv = ["sglang.launch_server", *argv]
     runpy.run_module("sglang.launch_server", run_name="__main__", alter_sys=True)
 

@@ -63,10 +63,14 @@ class PoolLayout:
         row = tokens * len(self.cross_layers) + cross_index
         return row // self.layers, row % self.layers
 
+    @property
+    def slots_per_image_token(self) -> float:
+        """The share of a pool slot one image token takes: C / layers in the image pool, 1 in the shared layout."""
+        return len(self.cross_layers) / self.layers if self.packed else 1.0
+
     def bytes_per_image_token(self, bytes_per_row: int) -> float:
         """KV bytes one image token costs in the pool (`bytes_per_row`: K and V of one token in one layer)."""
-        rows = len(self.cross_layers) if self.packed else self.layers
-        return rows * bytes_per_row
+        return self.slots_per_image_token * self.layers * bytes_per_row
 
 
 def scoring_spans(
