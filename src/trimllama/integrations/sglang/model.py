@@ -358,14 +358,15 @@ class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
         self.settings = EngineSettings.from_environment()
         method = self.settings.build()
         cross_layers = mllama_facts.cross_attention_layers(config.text_config)
-        mllama_facts.scoring_and_trimmed_layers(config.text_config)
+        if method is not None:
+            mllama_facts.scoring_and_trimmed_layers(config.text_config)  # refuses a model with nothing to trim
         layout = PoolLayout(
             layers=int(config.text_config.num_hidden_layers),
             cross_layers=tuple(cross_layers),
             packed=self.settings.layout == "image_pool",
         )
         self.trim_state = TrimState(method, layout, mllama_facts.tokens_per_tile(config.vision_config))
-        self.image_token_id = int(config.image_token_index)
+        self.image_token_id = mllama_facts.image_token_id(config)
         self.turn_opener = self._assistant_opener(method)
         self.kept_dump = os.environ.get(KEPT_DUMP_VARIABLE) or None  # decided once: a test's record of kept indices
         for index in cross_layers:
