@@ -54,11 +54,46 @@ def test_generator_is_deterministic_and_covers_all_types():
     assert {"color", "shape", "count", "relation"} <= set(testbed.QUESTION_TYPES)
 
 
+def _named(q, words_after_the: int = 0) -> str:
+    words = q.question.split()
+    return words[len(words) - 1 - words[::-1].index("the") + 1 + words_after_the]
+
+
+def _check_scene(q) -> None:
+    """The question's answer follows from the scene, by the rule of its type, and only one object fits."""
+    objects = q.objects
+    if q.qtype == "color":  # what color is the shape like the {color} one ?
+        (anchor,) = [o for o in objects if o.color == _named(q)]
+        (twin,) = [o for o in objects if o.shape == anchor.shape and o is not anchor]
+        assert twin.color == q.answer and twin.color != anchor.color
+    elif q.qtype == "shape":  # what shape has the color of the {shape} ?
+        (anchor,) = [o for o in objects if o.shape == _named(q)]
+        (twin,) = [o for o in objects if o.color == anchor.color and o is not anchor]
+        assert twin.shape == q.answer and twin.shape != anchor.shape
+    elif q.qtype == "count":  # how many other shapes have the color of the {shape} ?
+        (anchor,) = [o for o in objects if o.shape == _named(q)]
+        assert sum(o.color == anchor.color for o in objects if o is not anchor) == int(q.answer)
+    elif q.qtype == "relation":  # what shape is left of the {color} one ?
+        (anchor,) = [o for o in objects if o.color == _named(q)]
+        left = [o for o in objects if o.center[0] < anchor.center[0]]
+        assert len(left) == 1 and left[0].shape == q.answer
+    elif q.qtype == "color lookup":  # what color is the {shape} ?
+        (target,) = [o for o in objects if o.shape == _named(q)]
+        assert target.color == q.answer
+    elif q.qtype == "shape lookup":  # what shape is the {color} one ?
+        (target,) = [o for o in objects if o.color == _named(q)]
+        assert target.shape == q.answer
+    else:  # pragma: no cover
+        raise AssertionError(q.qtype)
+    assert all(0 <= i < len(objects) for i in q.target_indices)
+
+
 def test_questions_are_consistent_with_their_scenes():
     qs = testbed.make_questions(200, seed=11)
+    lookups = testbed.make_questions(40, seed=12, qtypes=data.LOOKUP_TYPES)
     tiles_seen = Counter(q.num_tiles for q in qs)
     assert set(tiles_seen) == {1, 2, 3, 4}
-    for q in qs:
+    for q in qs + lookups:
         assert q.answer in testbed.ANSWERS_BY_TYPE[q.qtype]
         assert " " not in q.answer
         h, w = q.tiles[0] * data.TILE_SIZE, q.tiles[1] * data.TILE_SIZE
@@ -66,27 +101,12 @@ def test_questions_are_consistent_with_their_scenes():
         for ob in q.objects:
             x0, y0, x1, y1 = ob.box
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-            # objects are small: at most 16x16 px of a 112x112 tile (2% of a tile's area)
-            assert (x1 - x0) * (y1 - y0) <= 16 * 16
-        words = q.question.split()
-        if q.qtype == "color":
-            shape = words[words.index("the") + 1]
-            assert [o.shape for o in q.objects].count(shape) == 1
-            assert next(o.color for o in q.objects if o.shape == shape) == q.answer
-        elif q.qtype == "shape":
-            color = words[words.index("the") + 1]
-            assert [o.color for o in q.objects].count(color) == 1
-            assert next(o.shape for o in q.objects if o.color == color) == q.answer
-        elif q.qtype == "count":
-            color = words[2]
-            assert sum(o.color == color for o in q.objects) == int(q.answer)
-        elif q.qtype == "relation":
-            color = words[words.index("the") + 1]
-            anchor = [o for o in q.objects if o.color == color]
-            assert len(anchor) == 1
-            left = [o for o in q.objects if o.center[0] < anchor[0].center[0]]
-            assert len(left) == 1 and left[0].shape == q.answer
-        assert q.target_boxes or (q.qtype == "count" and q.answer == "0")
+            # objects are small: at most 18x18 px of a 112x112 tile (2.6% of a tile's area)
+            assert (x1 - x0) * (y1 - y0) <= data.OBJ_MAX**2 <= 18 * 18
+        _check_scene(q)
+        assert q.target_boxes
+    # every reported type needs two objects: the one the question names and the one(s) the answer is read from
+    assert all(len(q.target_indices) >= 2 or q.qtype == "count" for q in qs)
     # answers are balanced enough that no answer dominates a type
     for t in testbed.QUESTION_TYPES:
         ans = Counter(q.answer for q in qs if q.qtype == t)

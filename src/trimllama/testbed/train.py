@@ -28,6 +28,8 @@ import json
 import math
 import os
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -37,7 +39,10 @@ import torch.nn.functional as F
 
 from . import build, data
 
-QTYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 1.6, "relation": 1.3}
+QTYPE_WEIGHTS = {"color": 1.2, "shape": 1.2, "count": 1.6, "relation": 1.6, "color lookup": 0.5, "shape lookup": 0.5}
+# During the first --curriculum part of the run one-look questions are this much more frequent: the two-look
+# types reuse what they teach (find the object a word names, read its colour or shape).
+LOOKUPS_FIRST = 3.0
 # Tile-layout weights (data.TILE_LAYOUTS order) during the first --curriculum part of the run:
 # mostly single tiles, whose 197 tokens make the object easier to find, then uniform layouts.
 SINGLE_TILE_FIRST = (4.0, 1.0, 1.0, 1.0, 1.0)
@@ -87,11 +92,15 @@ def make_batch(processor, items, with_answers: bool):
 
 
 @torch.no_grad()
-def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False):
+def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False, method=None):
     """Greedy accuracy per question type (of conversations: of the second turn, the first answer given).
 
-    ``shuffle_images`` rolls the images across the batch (questions only).
+    ``shuffle_images`` rolls the images across the batch (questions only); ``method`` (a selection method,
+    e.g. ``Floor()``) trims the model while it answers.
     """
+    from contextlib import nullcontext
+
+    from ..handle import trim
     from . import answer_matches
 
     was_training = model.training
@@ -107,8 +116,9 @@ def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: 
         else:
             qs_in = qs
         enc = make_batch(processor, qs_in, with_answers=False)
-        out = model.generate(**enc, max_new_tokens=3, do_sample=False,
-                             pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
+        with trim(model, method) if method is not None else nullcontext():
+            out = model.generate(**enc, max_new_tokens=3, do_sample=False,
+                                 pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
         gen = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for q, g in zip(qs, gen):
             per.setdefault(q.qtype, []).append(answer_matches(g, target(q).answer))
@@ -130,11 +140,14 @@ def eval_only(args):
     real = evaluate(model, processor, qs)
     t1 = time.time()
     shuf = evaluate(model, processor, qs, shuffle_images=True)
+    from ..methods import Floor
+
+    floor = evaluate(model, processor, qs, method=Floor())
     majority = {}
     for t in data.QUESTION_TYPES:
         c = Counter(q.answer for q in qs if q.qtype == t)
         majority[t] = max(c.values()) / sum(c.values())
-    res = {"n": len(qs), "seed": args.eval_seed, "real": real, "shuffled_images": shuf,
+    res = {"n": len(qs), "seed": args.eval_seed, "real": real, "shuffled_images": shuf, "floor": floor,
            "majority_answer_rate": majority, "seconds_real": round(t1 - t0, 1)}
     print(json.dumps(res, indent=1))
     return res
@@ -172,7 +185,7 @@ def main(argv=None):
     ap.add_argument("--profile", action="store_true", help="print timings of the first steps")
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the checkpoint in --out on --eval-n fresh questions (--eval-seed), "
-                         "with real and with shuffled images, and exit")
+                         "untrimmed, with shuffled images and with Floor, and exit")
     ap.add_argument("--eval-seed", type=int, default=31_337)
     args = ap.parse_args(argv)
     if args.eval_only:
@@ -201,7 +214,8 @@ def main(argv=None):
     else:
         model = build.new_model(config, gate_init=1.0, seed=args.seed)
     hid = config.text_config.hidden_size
-    aux_head = torch.nn.Linear(hid, 1 + len(data.COLOR_NAMES) + 1 + len(data.SHAPES))
+    n_col, n_shape = 1 + len(data.COLOR_NAMES), 1 + len(data.SHAPES)
+    aux_head = torch.nn.Linear(hid, n_col + n_shape + n_col)  # colour, shape, object centre's colour
     params = list(model.parameters()) + list(aux_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -210,6 +224,7 @@ def main(argv=None):
     step = 0
     best = None
     history = []
+    commands = []
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
@@ -218,47 +233,55 @@ def main(argv=None):
         step = st["step"]
         best = st.get("best")
         history = st.get("history", [])
+        commands = st.get("commands", [])
         log(f"resumed from {state_path} at step {step}")
     else:
         log(f"new run: {vars(args)}")
         log(f"params: {sum(p.numel() for p in model.parameters())}")
 
+    commands.append({"from_step": step, "command": "python -m trimllama.testbed.train " + shlex.join(
+        sys.argv[1:] if argv is None else argv)})
     captured = {}
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda m, i, o: captured.__setitem__("proj", o))
 
     eval_qs = data.make_questions(args.eval_n, seed=10_000_019)
     eval_conversations = data.make_conversations(args.eval_n, seed=10_000_079) if args.conversations else []
-    qtypes = data.QUESTION_TYPES
+    qtypes = data.QUESTION_TYPES + data.LOOKUP_TYPES
     weights = tuple(QTYPE_WEIGHTS[t] for t in qtypes)
-    n_col = 1 + len(data.COLOR_NAMES)
+    early_weights = tuple(w * (LOOKUPS_FIRST if t in data.LOOKUP_TYPES else 1.0) for t, w in zip(qtypes, weights))
+    from ..methods import Floor
 
     def save_state():
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "best": best, "history": history, "args": vars(args)}, tmp)
+                    "step": step, "best": best, "history": history, "args": vars(args), "commands": commands}, tmp)
         os.replace(tmp, state_path)
 
     def do_eval():
         nonlocal best
         t0 = time.time()
         res = evaluate(model, processor, eval_qs)
+        floor = evaluate(model, processor, eval_qs, method=Floor())
         score = (res["overall"], min(v for k, v in res.items() if k != "overall"))
-        record = {"step": step, **res}
+        record = {"step": step, **res, "floor": floor}
         if eval_conversations:
             second = evaluate(model, processor, eval_conversations)
             record["second_turn"] = second
             score = ((res["overall"] + second["overall"]) / 2, score[1])
         history.append(record)
         log(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items())
+            + " floor: " + " ".join(f"{k}={v:.2f}" for k, v in floor.items())
             + (f" second_turn={record['second_turn']['overall']:.3f}" if eval_conversations else "")
             + f" ({time.time() - t0:.1f}s)")
         if best is None or score >= tuple(best["score"]):
             best = {"step": step, "score": list(score), "res": res}
             build.save_all(model, processor, out_dir)
             with open(out_dir / "training_summary.json", "w") as f:
-                summary = {"best_step": step, "heldout_accuracy_200": res, "args": vars(args),
-                           "note": "held-out accuracy during training on 200 questions (seed 10000019)"}
+                summary = {"best_step": step, "validation_accuracy_200": res, "validation_floor_200": floor,
+                           "args": vars(args), "commands": commands, "history": history,
+                           "note": "validation accuracy during training on 200 questions (seed 10000019), "
+                                   "untrimmed and with Floor (later cross-attention layers see no image token)"}
                 if eval_conversations:
                     summary["second_turn_accuracy_200"] = record["second_turn"]
                     summary["note"] += "; second turn of 200 conversations (seed 10000079), first answer given"
@@ -293,17 +316,17 @@ def main(argv=None):
             torch.set_num_threads(cur_threads)
         t0 = time.time()
         rng = random.Random(args.seed * 1_000_003 + step)
-        layout_weights = SINGLE_TILE_FIRST if step < args.curriculum * args.steps else None
+        early = step < args.curriculum * args.steps
+        layout_weights = SINGLE_TILE_FIRST if early else None
         items = []
         for _ in range(args.batch_size):
-            question = data.make_question(rng, rng.choices(qtypes, weights=weights)[0],
+            question = data.make_question(rng, rng.choices(qtypes, weights=early_weights if early else weights)[0],
                                           tiles=rng.choices(data.TILE_LAYOUTS, weights=layout_weights)[0])
             first = data.first_question(rng, question) if args.conversations and rng.random() < args.conversations else None
             items.append(question if first is None else data.Conversation(first=first, second=question))
         enc = make_batch(processor, items, with_answers=True)
-        labels_c, labels_s = zip(*(data.patch_labels(target(item)) for item in items))
-        lc = torch.from_numpy(np.stack(labels_c))
-        ls = torch.from_numpy(np.stack(labels_s))
+        labels_c, labels_s, labels_m = (torch.from_numpy(np.stack(part))
+                                        for part in zip(*(data.patch_labels(target(item)) for item in items)))
         t1 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
@@ -314,7 +337,9 @@ def main(argv=None):
         loss = F.cross_entropy(logits[:, :2].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
         proj = captured["proj"]  # (B, 1, tiles, patches, hid)
         aux_logits = aux_head(proj[:, 0])
-        aux = balanced_patch_loss(aux_logits[..., :n_col], lc) + balanced_patch_loss(aux_logits[..., n_col:], ls)
+        aux = (balanced_patch_loss(aux_logits[..., :n_col], labels_c)
+               + balanced_patch_loss(aux_logits[..., n_col:n_col + n_shape], labels_s)
+               + balanced_patch_loss(aux_logits[..., n_col + n_shape:], labels_m))
         frac = min(1.0, step / (0.5 * args.steps))
         w_aux = args.aux_start + (args.aux_end - args.aux_start) * frac
         total = loss + w_aux * aux
