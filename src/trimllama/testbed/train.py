@@ -91,6 +91,37 @@ def make_batch(processor, items, with_answers: bool):
     return enc
 
 
+class TrainingBatches(torch.utils.data.Dataset):
+    """The training batch of step ``s``: a function of (seed, s) only, so a resumed run sees the batches it
+    would have seen, and worker processes (``--workers``) can build them ahead.
+
+    An item is ``(processor inputs, (colour, shape, centre) per-patch labels)``; see ``data.patch_labels``.
+    """
+
+    def __init__(self, processor, seed: int, steps: int, batch_size: int, curriculum: float, conversations: float):
+        self.processor, self.seed, self.steps, self.batch_size = processor, seed, steps, batch_size
+        self.curriculum, self.conversations = curriculum, conversations
+        self.qtypes = data.QUESTION_TYPES + data.LOOKUP_TYPES
+        self.weights = tuple(QTYPE_WEIGHTS[t] for t in self.qtypes)
+        self.early_weights = tuple(w * (LOOKUPS_FIRST if t in data.LOOKUP_TYPES else 1.0)
+                                   for t, w in zip(self.qtypes, self.weights))
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        rng = random.Random(self.seed * 1_000_003 + step)
+        early = step < self.curriculum * self.steps
+        items = []
+        for _ in range(self.batch_size):
+            question = data.make_question(rng, rng.choices(self.qtypes, weights=self.early_weights if early else self.weights)[0],
+                                          tiles=rng.choices(data.TILE_LAYOUTS, weights=SINGLE_TILE_FIRST if early else None)[0])
+            first = data.first_question(rng, question) if self.conversations and rng.random() < self.conversations else None
+            items.append(question if first is None else data.Conversation(first=first, second=question))
+        labels = tuple(torch.from_numpy(np.stack(part)) for part in zip(*(data.patch_labels(target(item)) for item in items)))
+        return dict(make_batch(self.processor, items, with_answers=True)), labels
+
+
 @torch.no_grad()
 def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False, method=None):
     """Greedy accuracy per question type (of conversations: of the second turn, the first answer given).
@@ -115,7 +146,7 @@ def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: 
                      for im, q in zip(imgs, qs)]
         else:
             qs_in = qs
-        enc = make_batch(processor, qs_in, with_answers=False)
+        enc = make_batch(processor, qs_in, with_answers=False).to(model.device)
         with trim(model, method) if method is not None else nullcontext():
             out = model.generate(**enc, max_new_tokens=3, do_sample=False,
                                  pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
@@ -180,7 +211,11 @@ def main(argv=None):
                     help="fine-tune: start from this checkpoint (a new optimizer and auxiliary head) instead of new weights")
     ap.add_argument("--conversations", type=float, default=0.0,
                     help="fraction of each batch drawn as two-turn conversations (their second answer is trained)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; above 1, every 200 steps 10 steps with 1 thread and 10 with N are timed "
+                         "and the faster kept (on a shared machine 2 threads can be 50x slower)")
+    ap.add_argument("--workers", type=int, default=0, help="processes that build batches ahead (0: inline)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (data is generated on the CPU either way)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
     ap.add_argument("--profile", action="store_true", help="print timings of the first steps")
     ap.add_argument("--eval-only", action="store_true",
@@ -216,6 +251,8 @@ def main(argv=None):
     hid = config.text_config.hidden_size
     n_col, n_shape = 1 + len(data.COLOR_NAMES), 1 + len(data.SHAPES)
     aux_head = torch.nn.Linear(hid, n_col + n_shape + n_col)  # colour, shape, object centre's colour
+    model.to(args.device)
+    aux_head.to(args.device)
     params = list(model.parameters()) + list(aux_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -247,9 +284,6 @@ def main(argv=None):
 
     eval_qs = data.make_questions(args.eval_n, seed=10_000_019)
     eval_conversations = data.make_conversations(args.eval_n, seed=10_000_079) if args.conversations else []
-    qtypes = data.QUESTION_TYPES + data.LOOKUP_TYPES
-    weights = tuple(QTYPE_WEIGHTS[t] for t in qtypes)
-    early_weights = tuple(w * (LOOKUPS_FIRST if t in data.LOOKUP_TYPES else 1.0) for t, w in zip(qtypes, weights))
     from ..methods import Floor
 
     def save_state():
@@ -301,7 +335,11 @@ def main(argv=None):
     cur_threads = args.threads
     probe = {}
 
-    while step < args.steps:
+    batches = TrainingBatches(processor, args.seed, args.steps, args.batch_size, args.curriculum, args.conversations)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    t0 = time.time()
+    for enc, (labels_c, labels_s, labels_m) in loader:
         if args.threads > 1:
             phase = step % 200
             if phase == 0:
@@ -314,19 +352,8 @@ def main(argv=None):
                 log("threads probe: " + " ".join(f"{k}: {sum(v) / len(v):.2f}s/step" for k, v in probe.items())
                     + f" -> using {cur_threads}")
             torch.set_num_threads(cur_threads)
-        t0 = time.time()
-        rng = random.Random(args.seed * 1_000_003 + step)
-        early = step < args.curriculum * args.steps
-        layout_weights = SINGLE_TILE_FIRST if early else None
-        items = []
-        for _ in range(args.batch_size):
-            question = data.make_question(rng, rng.choices(qtypes, weights=early_weights if early else weights)[0],
-                                          tiles=rng.choices(data.TILE_LAYOUTS, weights=layout_weights)[0])
-            first = data.first_question(rng, question) if args.conversations and rng.random() < args.conversations else None
-            items.append(question if first is None else data.Conversation(first=first, second=question))
-        enc = make_batch(processor, items, with_answers=True)
-        labels_c, labels_s, labels_m = (torch.from_numpy(np.stack(part))
-                                        for part in zip(*(data.patch_labels(target(item)) for item in items)))
+        enc = {key: value.to(args.device) for key, value in enc.items()}
+        labels_c, labels_s, labels_m = labels_c.to(args.device), labels_s.to(args.device), labels_m.to(args.device)
         t1 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
@@ -372,6 +399,7 @@ def main(argv=None):
                 do_eval()
             save_state()
             break
+        t0 = time.time()
     hook.remove()
     log(f"done at step {step}; best {best}")
 
