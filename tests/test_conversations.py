@@ -30,8 +30,7 @@ def test_conversations_ask_about_two_different_objects_of_one_image():
         (target,) = d.first.target_indices
         assert target not in d.second.target_indices
         named = d.first.objects[target]
-        assert d.first.qtype in ("color lookup", "shape lookup")  # one look: the first turn is no reported type
-        if d.first.qtype == "color lookup":
+        if d.first.qtype == "color":
             assert d.first.answer == named.color and sum(o.shape == named.shape for o in d.first.objects) == 1
         else:
             assert d.first.answer == named.shape and sum(o.color == named.color for o in d.first.objects) == 1

@@ -6,6 +6,7 @@ shipped checkpoint are skipped, with a reason, only if the checkpoint directory 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -17,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
+import trimllama  # noqa: E402
 from trimllama import testbed  # noqa: E402
 from trimllama.testbed import build, data  # noqa: E402
 
@@ -38,6 +40,9 @@ EVAL_N = 200
 # 0.18), less a margin of about 0.1: a regression of the checkpoint or of the loading path fails them.
 MIN_OVERALL = 0.72
 MIN_PER_TYPE = {"color": 0.9, "shape": 0.88, "count": 0.7, "relation": 0.38}
+# Untrimmed minus Floor per type on the same questions, less a margin. Measured: colour 1.00 - 0.50, count
+# 0.80 - 0.44 (shape 0.98 - 0.98, relation 0.48 - 0.42: no gap to assert).
+MIN_FLOOR_GAP = {"color": 0.35, "count": 0.2}
 
 
 # --------------------------------------------------------------------------- data
@@ -54,46 +59,11 @@ def test_generator_is_deterministic_and_covers_all_types():
     assert {"color", "shape", "count", "relation"} <= set(testbed.QUESTION_TYPES)
 
 
-def _named(q, words_after_the: int = 0) -> str:
-    words = q.question.split()
-    return words[len(words) - 1 - words[::-1].index("the") + 1 + words_after_the]
-
-
-def _check_scene(q) -> None:
-    """The question's answer follows from the scene, by the rule of its type, and only one object fits."""
-    objects = q.objects
-    if q.qtype == "color":  # what color is the shape like the {color} one ?
-        (anchor,) = [o for o in objects if o.color == _named(q)]
-        (twin,) = [o for o in objects if o.shape == anchor.shape and o is not anchor]
-        assert twin.color == q.answer and twin.color != anchor.color
-    elif q.qtype == "shape":  # what shape has the color of the {shape} ?
-        (anchor,) = [o for o in objects if o.shape == _named(q)]
-        (twin,) = [o for o in objects if o.color == anchor.color and o is not anchor]
-        assert twin.shape == q.answer and twin.shape != anchor.shape
-    elif q.qtype == "count":  # how many other shapes have the color of the {shape} ?
-        (anchor,) = [o for o in objects if o.shape == _named(q)]
-        assert sum(o.color == anchor.color for o in objects if o is not anchor) == int(q.answer)
-    elif q.qtype == "relation":  # what shape is left of the {color} one ?
-        (anchor,) = [o for o in objects if o.color == _named(q)]
-        left = [o for o in objects if o.center[0] < anchor.center[0]]
-        assert len(left) == 1 and left[0].shape == q.answer
-    elif q.qtype == "color lookup":  # what color is the {shape} ?
-        (target,) = [o for o in objects if o.shape == _named(q)]
-        assert target.color == q.answer
-    elif q.qtype == "shape lookup":  # what shape is the {color} one ?
-        (target,) = [o for o in objects if o.color == _named(q)]
-        assert target.shape == q.answer
-    else:  # pragma: no cover
-        raise AssertionError(q.qtype)
-    assert all(0 <= i < len(objects) for i in q.target_indices)
-
-
 def test_questions_are_consistent_with_their_scenes():
     qs = testbed.make_questions(200, seed=11)
-    lookups = testbed.make_questions(40, seed=12, qtypes=data.LOOKUP_TYPES)
     tiles_seen = Counter(q.num_tiles for q in qs)
     assert set(tiles_seen) == {1, 2, 3, 4}
-    for q in qs + lookups:
+    for q in qs:
         assert q.answer in testbed.ANSWERS_BY_TYPE[q.qtype]
         assert " " not in q.answer
         h, w = q.tiles[0] * data.TILE_SIZE, q.tiles[1] * data.TILE_SIZE
@@ -101,12 +71,27 @@ def test_questions_are_consistent_with_their_scenes():
         for ob in q.objects:
             x0, y0, x1, y1 = ob.box
             assert 0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h
-            # objects are small: at most 18x18 px of a 112x112 tile (2.6% of a tile's area)
-            assert (x1 - x0) * (y1 - y0) <= data.OBJ_MAX**2 <= 18 * 18
-        _check_scene(q)
-        assert q.target_boxes
-    # every reported type needs two objects: the one the question names and the one(s) the answer is read from
-    assert all(len(q.target_indices) >= 2 or q.qtype == "count" for q in qs)
+            # objects are small: at most 16x16 px of a 112x112 tile (2% of a tile's area)
+            assert (x1 - x0) * (y1 - y0) <= 16 * 16
+        words = q.question.split()
+        if q.qtype == "color":
+            shape = words[words.index("the") + 1]
+            assert [o.shape for o in q.objects].count(shape) == 1
+            assert next(o.color for o in q.objects if o.shape == shape) == q.answer
+        elif q.qtype == "shape":
+            color = words[words.index("the") + 1]
+            assert [o.color for o in q.objects].count(color) == 1
+            assert next(o.shape for o in q.objects if o.color == color) == q.answer
+        elif q.qtype == "count":
+            color = words[2]
+            assert sum(o.color == color for o in q.objects) == int(q.answer)
+        elif q.qtype == "relation":
+            color = words[words.index("the") + 1]
+            anchor = [o for o in q.objects if o.color == color]
+            assert len(anchor) == 1
+            left = [o for o in q.objects if o.center[0] < anchor[0].center[0]]
+            assert len(left) == 1 and left[0].shape == q.answer
+        assert q.target_boxes or (q.qtype == "count" and q.answer == "0")
     # answers are balanced enough that no answer dominates a type
     for t in testbed.QUESTION_TYPES:
         ans = Counter(q.answer for q in qs if q.qtype == t)
@@ -203,7 +188,7 @@ def test_checkpoint_loads_offline_and_is_consistent(loaded):
     assert size < 20 * 2**20
 
 
-def _accuracy(model, proc, questions, shuffle_images=False, batch_size=50):
+def _accuracy(model, proc, questions, shuffle_images=False, batch_size=50, method=None):
     per: dict[str, list[bool]] = {}
     for i in range(0, len(questions), batch_size):
         qs = questions[i:i + batch_size]
@@ -212,7 +197,7 @@ def _accuracy(model, proc, questions, shuffle_images=False, batch_size=50):
             imgs = imgs[1:] + imgs[:1]  # each question gets its neighbour's image
         enc = proc(images=[[im] for im in imgs], text=[testbed.build_prompt(proc, q.question) for q in qs],
                    return_tensors="pt", padding=True)
-        with torch.no_grad():
+        with torch.no_grad(), (trimllama.trim(model, method) if method is not None else contextlib.nullcontext()):
             out = model.generate(**enc, max_new_tokens=3, do_sample=False)
         gen = proc.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for q, g in zip(qs, gen):
@@ -234,6 +219,12 @@ def real_acc(loaded, eval_questions):
 
 
 @pytest.fixture(scope="module")
+def floor_acc(loaded, eval_questions):
+    model, proc = loaded
+    return _accuracy(model, proc, eval_questions, method=trimllama.Floor())
+
+
+@pytest.fixture(scope="module")
 def shuffled_acc(loaded, eval_questions):
     model, proc = loaded
     return _accuracy(model, proc, eval_questions, shuffle_images=True)
@@ -246,6 +237,16 @@ def test_heldout_accuracy_meets_target(real_acc):
     for t, floor in MIN_PER_TYPE.items():
         assert real_acc[t] >= floor, (t, real_acc)
 
+
+
+@needs_ckpt
+def test_later_cross_attention_layers_carry_colour_and_count(real_acc, floor_acc):
+    """Issue 28's floor gap, as far as the shipped checkpoint reaches it: with the later cross-attention layers given
+    no image token (`Floor`), colour and count fall by at least 20 points; shape and relation do not (the first
+    cross-attention layer answers them alone; README, "Fidelity testbed")."""
+    print("floor accuracy", floor_acc)
+    for qtype, gap in MIN_FLOOR_GAP.items():
+        assert real_acc[qtype] - floor_acc[qtype] >= gap, (qtype, real_acc, floor_acc)
 
 
 @needs_ckpt
@@ -308,3 +309,18 @@ def test_fine_tuning_starts_from_the_checkpoint_and_never_saves_worse(tmp_path):
     scores = [(r["overall"] + r["second_turn"]["overall"]) / 2 for r in history]
     assert summary["best_step"] == max(r["step"] for r, score in zip(history, scores) if score == max(scores))
     assert set(summary["second_turn_accuracy_200"]) == {*data.QUESTION_TYPES, "overall"}
+    assert set(summary["validation_floor_200"]) == {*data.QUESTION_TYPES, "overall"}
+    assert "--init-from" in summary["commands"][0]["command"] and summary["commands"][0]["from_step"] == 0
+
+
+def test_training_batches_depend_only_on_seed_and_step():
+    """A resumed run (or one with --workers) sees the batches it would have seen."""
+    from trimllama.testbed import train
+
+    processor = build.make_processor()
+    first, second = (train.TrainingBatches(processor, seed=3, steps=10, batch_size=3, curriculum=0.3, conversations=0.5)
+                     for _ in range(2))
+    (inputs, labels), (again, labels_again) = first[4], second[4]
+    assert all(torch.equal(inputs[key], again[key]) for key in inputs)
+    assert all(torch.equal(a, b) for a, b in zip(labels, labels_again)) and len(labels) == 3
+    assert not torch.equal(first[5][0]["input_ids"], inputs["input_ids"]) or not torch.equal(first[5][0]["pixel_values"], inputs["pixel_values"])

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 TILE_SIZE = 112  # must equal the image processor's size / vision image_size
-PATCH_SIZE = 14  # 8 x 8 patches + the class token = 65 image tokens per tile
+PATCH_SIZE = 8
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
@@ -35,12 +35,7 @@ COUNTS: tuple[str, ...] = ("0", "1", "2", "3", "4")
 # (rows, cols) of tiles; 1, 2, 2, 3, 4 tiles
 TILE_LAYOUTS: tuple[tuple[int, int], ...] = ((1, 1), (1, 2), (2, 1), (1, 3), (2, 2))
 
-# Every question type needs two looks at the image: find the object the question names, then the object(s)
-# its colour, shape or position points to. The answer's type names the type.
 QUESTION_TYPES: tuple[str, ...] = ("color", "shape", "count", "relation")
-# One-look questions (the colour of the only circle, the shape of the only red object): the first turns of
-# conversations, and part of training; not a reported type.
-LOOKUP_TYPES: tuple[str, ...] = ("color lookup", "shape lookup")
 
 # the full answer set of each type (used to compute chance / majority rates)
 ANSWERS_BY_TYPE: dict[str, tuple[str, ...]] = {
@@ -48,11 +43,9 @@ ANSWERS_BY_TYPE: dict[str, tuple[str, ...]] = {
     "shape": SHAPES,
     "count": COUNTS,
     "relation": SHAPES,
-    "color lookup": COLOR_NAMES,
-    "shape lookup": SHAPES,
 }
 
-OBJ_MIN, OBJ_MAX = 14, 18  # object size in pixels (tile is 112 px, patches 14 px)
+OBJ_MIN, OBJ_MAX = 12, 16  # object size in pixels (tile is 112 px)
 
 
 @dataclass
@@ -188,73 +181,49 @@ def _n_distractors(rng: random.Random, n_tiles: int, lo: int = 1) -> int:
 # --------------------------------------------------------------------------- question makers
 
 
-def _add_objects(rng: random.Random, tiles, objs: list[SceneObject], n: int, shapes, colors,
-                 tries: int = 200) -> None:
-    """Add up to ``n`` objects of a random shape in ``shapes`` and colour in ``colors`` where they fit."""
-    for _ in range(n):
-        b = _random_box(rng, tiles, [o.box for o in objs], tries=tries)
+def _make_color(rng: random.Random, tiles):
+    shape = rng.choice(SHAPES)
+    color = rng.choice(COLOR_NAMES)
+    objs = []
+    box = _random_box(rng, tiles, [])
+    objs.append(SceneObject(shape, color, box))
+    others = [s for s in SHAPES if s != shape]
+    for _ in range(_n_distractors(rng, tiles[0] * tiles[1])):
+        b = _random_box(rng, tiles, [o.box for o in objs])
         if b is None:
             break
-        objs.append(SceneObject(rng.choice(shapes), rng.choice(colors), b))
-
-
-def _anchor(rng: random.Random, tiles) -> SceneObject:
-    return SceneObject(rng.choice(SHAPES), rng.choice(COLOR_NAMES), _random_box(rng, tiles, []))
-
-
-def _make_color(rng: random.Random, tiles):
-    """Two hops: the anchor has a unique colour; exactly one other object has its shape; the answer is
-    that object's colour. Every other object has another shape."""
-    anchor = _anchor(rng, tiles)
-    objs = [anchor]
-    _add_objects(rng, tiles, objs, 1, [anchor.shape], [c for c in COLOR_NAMES if c != anchor.color], tries=1000)
-    others = [s for s in SHAPES if s != anchor.shape]
-    _add_objects(rng, tiles, objs, _n_distractors(rng, tiles[0] * tiles[1], lo=0), others,
-                 [c for c in COLOR_NAMES if c != anchor.color])
-    return f"what color is the shape like the {anchor.color} one ?", objs[1].color, objs, [0, 1]
+        objs.append(SceneObject(rng.choice(others), rng.choice(COLOR_NAMES), b))
+    return f"what color is the {shape} ?", color, objs, [0]
 
 
 def _make_shape(rng: random.Random, tiles):
-    """Two hops: the anchor has a unique shape; exactly one other object has its colour; the answer is
-    that object's shape. Every other object has another colour."""
-    anchor = _anchor(rng, tiles)
-    objs = [anchor]
-    _add_objects(rng, tiles, objs, 1, [s for s in SHAPES if s != anchor.shape], [anchor.color], tries=1000)
-    others = [c for c in COLOR_NAMES if c != anchor.color]
-    _add_objects(rng, tiles, objs, _n_distractors(rng, tiles[0] * tiles[1], lo=0),
-                 [s for s in SHAPES if s != anchor.shape], others)
-    return f"what shape has the color of the {anchor.shape} ?", objs[1].shape, objs, [0, 1]
+    shape = rng.choice(SHAPES)
+    color = rng.choice(COLOR_NAMES)
+    objs = [SceneObject(shape, color, _random_box(rng, tiles, []))]
+    others = [c for c in COLOR_NAMES if c != color]
+    for _ in range(_n_distractors(rng, tiles[0] * tiles[1])):
+        b = _random_box(rng, tiles, [o.box for o in objs])
+        if b is None:
+            break
+        objs.append(SceneObject(rng.choice(SHAPES), rng.choice(others), b))
+    return f"what shape is the {color} one ?", shape, objs, [0]
 
 
 def _make_count(rng: random.Random, tiles, max_count: int = 4):
-    """Two hops: the anchor has a unique shape; the answer is how many other objects have its colour."""
-    anchor = _anchor(rng, tiles)
-    n = rng.randint(0, max_count)
-    objs = [anchor]
-    shapes = [s for s in SHAPES if s != anchor.shape]
-    _add_objects(rng, tiles, objs, n, shapes, [anchor.color], tries=2000)
-    assert len(objs) == n + 1
-    _add_objects(rng, tiles, objs, _n_distractors(rng, tiles[0] * tiles[1], lo=1 if n < 2 else 0) - n // 2,
-                 shapes, [c for c in COLOR_NAMES if c != anchor.color])
-    return f"how many other shapes have the color of the {anchor.shape} ?", str(n), objs, list(range(n + 1))
-
-
-def _make_color_lookup(rng: random.Random, tiles):
-    """One hop: the colour of the only object of a shape."""
-    shape = rng.choice(SHAPES)
-    objs = [SceneObject(shape, rng.choice(COLOR_NAMES), _random_box(rng, tiles, []))]
-    _add_objects(rng, tiles, objs, _n_distractors(rng, tiles[0] * tiles[1]), [s for s in SHAPES if s != shape],
-                 COLOR_NAMES)
-    return f"what color is the {shape} ?", objs[0].color, objs, [0]
-
-
-def _make_shape_lookup(rng: random.Random, tiles):
-    """One hop: the shape of the only object of a colour."""
     color = rng.choice(COLOR_NAMES)
-    objs = [SceneObject(rng.choice(SHAPES), color, _random_box(rng, tiles, []))]
-    _add_objects(rng, tiles, objs, _n_distractors(rng, tiles[0] * tiles[1]), SHAPES,
-                 [c for c in COLOR_NAMES if c != color])
-    return f"what shape is the {color} one ?", objs[0].shape, objs, [0]
+    n = rng.randint(0, max_count)
+    objs: list[SceneObject] = []
+    for _ in range(n):
+        b = _random_box(rng, tiles, [o.box for o in objs], tries=1000)
+        assert b is not None
+        objs.append(SceneObject(rng.choice(SHAPES), color, b))
+    others = [c for c in COLOR_NAMES if c != color]
+    for _ in range(_n_distractors(rng, tiles[0] * tiles[1], lo=1 if n else 2)):
+        b = _random_box(rng, tiles, [o.box for o in objs])
+        if b is None:
+            break
+        objs.append(SceneObject(rng.choice(SHAPES), rng.choice(others), b))
+    return f"how many {color} shapes are there ?", str(n), objs, list(range(n))
 
 
 def _make_relation(rng: random.Random, tiles):
@@ -305,8 +274,6 @@ _MAKERS = {
     "shape": _make_shape,
     "count": _make_count,
     "relation": _make_relation,
-    "color lookup": _make_color_lookup,
-    "shape lookup": _make_shape_lookup,
 }
 
 
@@ -344,7 +311,7 @@ def make_questions(n: int, seed: int, qtypes: tuple[str, ...] | None = None,
 
 
 def patch_labels(q: Question, tile_size: int = TILE_SIZE, patch_size: int = PATCH_SIZE,
-                 max_tiles: int = 4, min_frac: float = 0.15):
+                 max_tiles: int = 4, min_frac: float = 0.2):
     """Per-token colour, shape and object-centre class for the vision tokens of ``q``'s image.
 
     Returns three int64 arrays of shape (max_tiles, 1 + (tile/patch)**2): class 0 is background
@@ -414,9 +381,9 @@ def first_question(rng: random.Random, scene: Question) -> Question | None:
         if index in scene.target_indices:
             continue
         if sum(o.shape == ob.shape for o in scene.objects) == 1:
-            candidates.append(("color lookup", f"what color is the {ob.shape} ?", ob.color, index))
+            candidates.append(("color", f"what color is the {ob.shape} ?", ob.color, index))
         if sum(o.color == ob.color for o in scene.objects) == 1:
-            candidates.append(("shape lookup", f"what shape is the {ob.color} one ?", ob.shape, index))
+            candidates.append(("shape", f"what shape is the {ob.color} one ?", ob.shape, index))
     if not candidates:
         return None
     qtype, text, answer, index = rng.choice(candidates)

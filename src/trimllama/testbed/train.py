@@ -39,10 +39,7 @@ import torch.nn.functional as F
 
 from . import build, data
 
-QTYPE_WEIGHTS = {"color": 1.2, "shape": 1.2, "count": 1.6, "relation": 1.6, "color lookup": 0.5, "shape lookup": 0.5}
-# During the first --curriculum part of the run one-look questions are this much more frequent: the two-look
-# types reuse what they teach (find the object a word names, read its colour or shape).
-LOOKUPS_FIRST = 3.0
+QTYPE_WEIGHTS = {"color": 1.0, "shape": 1.0, "count": 1.6, "relation": 1.3}
 # Tile-layout weights (data.TILE_LAYOUTS order) during the first --curriculum part of the run:
 # mostly single tiles, whose 197 tokens make the object easier to find, then uniform layouts.
 SINGLE_TILE_FIRST = (4.0, 1.0, 1.0, 1.0, 1.0)
@@ -101,10 +98,8 @@ class TrainingBatches(torch.utils.data.Dataset):
     def __init__(self, processor, seed: int, steps: int, batch_size: int, curriculum: float, conversations: float):
         self.processor, self.seed, self.steps, self.batch_size = processor, seed, steps, batch_size
         self.curriculum, self.conversations = curriculum, conversations
-        self.qtypes = data.QUESTION_TYPES + data.LOOKUP_TYPES
+        self.qtypes = data.QUESTION_TYPES
         self.weights = tuple(QTYPE_WEIGHTS[t] for t in self.qtypes)
-        self.early_weights = tuple(w * (LOOKUPS_FIRST if t in data.LOOKUP_TYPES else 1.0)
-                                   for t, w in zip(self.qtypes, self.weights))
 
     def __len__(self) -> int:
         return self.steps
@@ -114,7 +109,7 @@ class TrainingBatches(torch.utils.data.Dataset):
         early = step < self.curriculum * self.steps
         items = []
         for _ in range(self.batch_size):
-            question = data.make_question(rng, rng.choices(self.qtypes, weights=self.early_weights if early else self.weights)[0],
+            question = data.make_question(rng, rng.choices(self.qtypes, weights=self.weights)[0],
                                           tiles=rng.choices(data.TILE_LAYOUTS, weights=SINGLE_TILE_FIRST if early else None)[0])
             first = data.first_question(rng, question) if self.conversations and rng.random() < self.conversations else None
             items.append(question if first is None else data.Conversation(first=first, second=question))
