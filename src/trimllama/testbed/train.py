@@ -11,11 +11,16 @@ template writes it):
         --out src/trimllama/testbed/checkpoint --seed 1 --conversations 0.35 --steps 1800 --lr 3e-4 \
         --curriculum 0 --aux-start 0.1 --aux-end 0.1 --eval-every 300
 
+(Both ran with the code of commit 85172b8, before the auxiliary loss had its object-centre part: the same
+commands now train a slightly different model.)
+
 The training state (model + optimizer + step) is saved every ``--save-every`` steps to
 ``WORK_DIR/train_state.pt`` (never inside the shipped checkpoint dir) and the log goes to
-``WORK_DIR/train_log.txt``. At every evaluation the best model so far (held-out accuracy,
-per question type) is written to ``--out`` with ``save_pretrained`` (safetensors) together
-with the processor, plus ``training_summary.json``.
+``WORK_DIR/train_log.txt``. Every evaluation measures the validation questions untrimmed and
+with ``Floor``; the best model so far (validation accuracy, per question type) is written to
+``--out`` with ``save_pretrained`` (safetensors) together with the processor, plus
+``training_summary.json`` (the validation results, the evaluation history and every command
+that ran, one per resume).
 
 Data is generated on the fly; the batch at step ``s`` depends only on (seed, s), so a resumed
 run sees exactly the batches it would have seen.
