@@ -6,6 +6,7 @@ shipped checkpoint are skipped, with a reason, only if the checkpoint directory 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import Counter
 
@@ -17,6 +18,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 torch = pytest.importorskip("torch")
 
+import trimllama  # noqa: E402
 from trimllama import testbed  # noqa: E402
 from trimllama.testbed import build, data  # noqa: E402
 
@@ -38,6 +40,9 @@ EVAL_N = 200
 # 0.18), less a margin of about 0.1: a regression of the checkpoint or of the loading path fails them.
 MIN_OVERALL = 0.72
 MIN_PER_TYPE = {"color": 0.9, "shape": 0.88, "count": 0.7, "relation": 0.38}
+# Untrimmed minus Floor per type on the same questions, less a margin. Measured: colour 1.00 - 0.50, count
+# 0.80 - 0.44 (shape 0.98 - 0.98, relation 0.48 - 0.42: no gap to assert).
+MIN_FLOOR_GAP = {"color": 0.35, "count": 0.2}
 
 
 # --------------------------------------------------------------------------- data
@@ -183,7 +188,7 @@ def test_checkpoint_loads_offline_and_is_consistent(loaded):
     assert size < 20 * 2**20
 
 
-def _accuracy(model, proc, questions, shuffle_images=False, batch_size=50):
+def _accuracy(model, proc, questions, shuffle_images=False, batch_size=50, method=None):
     per: dict[str, list[bool]] = {}
     for i in range(0, len(questions), batch_size):
         qs = questions[i:i + batch_size]
@@ -192,7 +197,7 @@ def _accuracy(model, proc, questions, shuffle_images=False, batch_size=50):
             imgs = imgs[1:] + imgs[:1]  # each question gets its neighbour's image
         enc = proc(images=[[im] for im in imgs], text=[testbed.build_prompt(proc, q.question) for q in qs],
                    return_tensors="pt", padding=True)
-        with torch.no_grad():
+        with torch.no_grad(), (trimllama.trim(model, method) if method is not None else contextlib.nullcontext()):
             out = model.generate(**enc, max_new_tokens=3, do_sample=False)
         gen = proc.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for q, g in zip(qs, gen):
@@ -214,6 +219,12 @@ def real_acc(loaded, eval_questions):
 
 
 @pytest.fixture(scope="module")
+def floor_acc(loaded, eval_questions):
+    model, proc = loaded
+    return _accuracy(model, proc, eval_questions, method=trimllama.Floor())
+
+
+@pytest.fixture(scope="module")
 def shuffled_acc(loaded, eval_questions):
     model, proc = loaded
     return _accuracy(model, proc, eval_questions, shuffle_images=True)
@@ -226,6 +237,16 @@ def test_heldout_accuracy_meets_target(real_acc):
     for t, floor in MIN_PER_TYPE.items():
         assert real_acc[t] >= floor, (t, real_acc)
 
+
+
+@needs_ckpt
+def test_later_cross_attention_layers_carry_colour_and_count(real_acc, floor_acc):
+    """Issue 28's floor gap, as far as the shipped checkpoint reaches it: with the later cross-attention layers given
+    no image token (`Floor`), colour and count fall by at least 20 points; shape and relation do not (the first
+    cross-attention layer answers them alone; README, "Fidelity testbed")."""
+    print("floor accuracy", floor_acc)
+    for qtype, gap in MIN_FLOOR_GAP.items():
+        assert real_acc[qtype] - floor_acc[qtype] >= gap, (qtype, real_acc, floor_acc)
 
 
 @needs_ckpt
@@ -288,3 +309,18 @@ def test_fine_tuning_starts_from_the_checkpoint_and_never_saves_worse(tmp_path):
     scores = [(r["overall"] + r["second_turn"]["overall"]) / 2 for r in history]
     assert summary["best_step"] == max(r["step"] for r, score in zip(history, scores) if score == max(scores))
     assert set(summary["second_turn_accuracy_200"]) == {*data.QUESTION_TYPES, "overall"}
+    assert set(summary["validation_floor_200"]) == {*data.QUESTION_TYPES, "overall"}
+    assert "--init-from" in summary["commands"][0]["command"] and summary["commands"][0]["from_step"] == 0
+
+
+def test_training_batches_depend_only_on_seed_and_step():
+    """A resumed run (or one with --workers) sees the batches it would have seen."""
+    from trimllama.testbed import train
+
+    processor = build.make_processor()
+    first, second = (train.TrainingBatches(processor, seed=3, steps=10, batch_size=3, curriculum=0.3, conversations=0.5)
+                     for _ in range(2))
+    (inputs, labels), (again, labels_again) = first[4], second[4]
+    assert all(torch.equal(inputs[key], again[key]) for key in inputs)
+    assert all(torch.equal(a, b) for a, b in zip(labels, labels_again)) and len(labels) == 3
+    assert not torch.equal(first[5][0]["input_ids"], inputs["input_ids"]) or not torch.equal(first[5][0]["pixel_values"], inputs["pixel_values"])

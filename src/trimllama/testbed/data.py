@@ -312,16 +312,19 @@ def make_questions(n: int, seed: int, qtypes: tuple[str, ...] | None = None,
 
 def patch_labels(q: Question, tile_size: int = TILE_SIZE, patch_size: int = PATCH_SIZE,
                  max_tiles: int = 4, min_frac: float = 0.2):
-    """Per-token colour / shape class for the vision tokens of ``q``'s image.
+    """Per-token colour, shape and object-centre class for the vision tokens of ``q``'s image.
 
-    Returns two int64 arrays of shape (max_tiles, 1 + (tile/patch)**2): class 0 is background
-    (and the class token), colour classes are 1..len(COLOR_NAMES), shape classes 1..len(SHAPES);
-    -100 for padding tiles (ignored). Tile order is row-major, as in the Mllama processor.
+    Returns three int64 arrays of shape (max_tiles, 1 + (tile/patch)**2): class 0 is background
+    (and the class token); colour classes are 1..len(COLOR_NAMES) and shape classes 1..len(SHAPES)
+    for the object covering most of the patch (at least ``min_frac`` of it); the centre class is the
+    colour class of the object whose box centre lies in the patch (one token per object, what a count
+    can read). -100 for padding tiles (ignored). Tile order is row-major, as in the Mllama processor.
     """
     g = tile_size // patch_size
     n_tok = 1 + g * g
     col = np.full((max_tiles, n_tok), -100, dtype=np.int64)
     shp = np.full((max_tiles, n_tok), -100, dtype=np.int64)
+    ctr = np.full((max_tiles, n_tok), -100, dtype=np.int64)
     lm = q.label_map
     rows, cols = q.tiles
     col_ids = np.array([0] + [COLOR_NAMES.index(o.color) + 1 for o in q.objects])
@@ -338,11 +341,17 @@ def patch_labels(q: Question, tile_size: int = TILE_SIZE, patch_size: int = PATC
                 arg = counts.argmax(1)
                 ok = counts.max(1) >= min_frac * patch_size * patch_size
                 best[ok] = arg[ok] + 1
-            col[t, 0] = 0
-            shp[t, 0] = 0
+            col[t, :] = 0
+            shp[t, :] = 0
+            ctr[t, :] = 0
             col[t, 1:] = col_ids[best]
             shp[t, 1:] = shp_ids[best]
-    return col, shp
+    for ob in q.objects:
+        cx, cy = ob.center
+        r, c = int(cy) // tile_size, int(cx) // tile_size
+        py, px = (int(cy) % tile_size) // patch_size, (int(cx) % tile_size) // patch_size
+        ctr[r * cols + c, 1 + py * g + px] = COLOR_NAMES.index(ob.color) + 1
+    return col, shp, ctr
 
 
 # --------------------------------------------------------------------------- two-turn conversations

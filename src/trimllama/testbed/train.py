@@ -11,11 +11,16 @@ template writes it):
         --out src/trimllama/testbed/checkpoint --seed 1 --conversations 0.35 --steps 1800 --lr 3e-4 \
         --curriculum 0 --aux-start 0.1 --aux-end 0.1 --eval-every 300
 
+(Both ran with the code of commit 85172b8, before the auxiliary loss had its object-centre part: the same
+commands now train a slightly different model.)
+
 The training state (model + optimizer + step) is saved every ``--save-every`` steps to
 ``WORK_DIR/train_state.pt`` (never inside the shipped checkpoint dir) and the log goes to
-``WORK_DIR/train_log.txt``. At every evaluation the best model so far (held-out accuracy,
-per question type) is written to ``--out`` with ``save_pretrained`` (safetensors) together
-with the processor, plus ``training_summary.json``.
+``WORK_DIR/train_log.txt``. Every evaluation measures the validation questions untrimmed and
+with ``Floor``; the best model so far (validation accuracy, per question type) is written to
+``--out`` with ``save_pretrained`` (safetensors) together with the processor, plus
+``training_summary.json`` (the validation results, the evaluation history and every command
+that ran, one per resume).
 
 Data is generated on the fly; the batch at step ``s`` depends only on (seed, s), so a resumed
 run sees exactly the batches it would have seen.
@@ -28,6 +33,8 @@ import json
 import math
 import os
 import random
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -86,12 +93,45 @@ def make_batch(processor, items, with_answers: bool):
     return enc
 
 
+class TrainingBatches(torch.utils.data.Dataset):
+    """The training batch of step ``s``: a function of (seed, s) only, so a resumed run sees the batches it
+    would have seen, and worker processes (``--workers``) can build them ahead.
+
+    An item is ``(processor inputs, (colour, shape, centre) per-patch labels)``; see ``data.patch_labels``.
+    """
+
+    def __init__(self, processor, seed: int, steps: int, batch_size: int, curriculum: float, conversations: float):
+        self.processor, self.seed, self.steps, self.batch_size = processor, seed, steps, batch_size
+        self.curriculum, self.conversations = curriculum, conversations
+        self.qtypes = data.QUESTION_TYPES
+        self.weights = tuple(QTYPE_WEIGHTS[t] for t in self.qtypes)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, step: int):
+        rng = random.Random(self.seed * 1_000_003 + step)
+        early = step < self.curriculum * self.steps
+        items = []
+        for _ in range(self.batch_size):
+            question = data.make_question(rng, rng.choices(self.qtypes, weights=self.weights)[0],
+                                          tiles=rng.choices(data.TILE_LAYOUTS, weights=SINGLE_TILE_FIRST if early else None)[0])
+            first = data.first_question(rng, question) if self.conversations and rng.random() < self.conversations else None
+            items.append(question if first is None else data.Conversation(first=first, second=question))
+        labels = tuple(torch.from_numpy(np.stack(part)) for part in zip(*(data.patch_labels(target(item)) for item in items)))
+        return dict(make_batch(self.processor, items, with_answers=True)), labels
+
+
 @torch.no_grad()
-def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False):
+def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: bool = False, method=None):
     """Greedy accuracy per question type (of conversations: of the second turn, the first answer given).
 
-    ``shuffle_images`` rolls the images across the batch (questions only).
+    ``shuffle_images`` rolls the images across the batch (questions only); ``method`` (a selection method,
+    e.g. ``Floor()``) trims the model while it answers.
     """
+    from contextlib import nullcontext
+
+    from ..handle import trim
     from . import answer_matches
 
     was_training = model.training
@@ -106,9 +146,10 @@ def evaluate(model, processor, questions, batch_size: int = 50, shuffle_images: 
                      for im, q in zip(imgs, qs)]
         else:
             qs_in = qs
-        enc = make_batch(processor, qs_in, with_answers=False)
-        out = model.generate(**enc, max_new_tokens=3, do_sample=False,
-                             pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
+        enc = make_batch(processor, qs_in, with_answers=False).to(model.device)
+        with trim(model, method) if method is not None else nullcontext():
+            out = model.generate(**enc, max_new_tokens=3, do_sample=False,
+                                 pad_token_id=build.PAD_ID, eos_token_id=build.EOS_ID)
         gen = processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for q, g in zip(qs, gen):
             per.setdefault(q.qtype, []).append(answer_matches(g, target(q).answer))
@@ -130,11 +171,14 @@ def eval_only(args):
     real = evaluate(model, processor, qs)
     t1 = time.time()
     shuf = evaluate(model, processor, qs, shuffle_images=True)
+    from ..methods import Floor
+
+    floor = evaluate(model, processor, qs, method=Floor())
     majority = {}
     for t in data.QUESTION_TYPES:
         c = Counter(q.answer for q in qs if q.qtype == t)
         majority[t] = max(c.values()) / sum(c.values())
-    res = {"n": len(qs), "seed": args.eval_seed, "real": real, "shuffled_images": shuf,
+    res = {"n": len(qs), "seed": args.eval_seed, "real": real, "shuffled_images": shuf, "floor": floor,
            "majority_answer_rate": majority, "seconds_real": round(t1 - t0, 1)}
     print(json.dumps(res, indent=1))
     return res
@@ -167,12 +211,16 @@ def main(argv=None):
                     help="fine-tune: start from this checkpoint (a new optimizer and auxiliary head) instead of new weights")
     ap.add_argument("--conversations", type=float, default=0.0,
                     help="fraction of each batch drawn as two-turn conversations (their second answer is trained)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads; above 1, every 200 steps 10 steps with 1 thread and 10 with N are timed "
+                         "and the faster kept (on a shared machine 2 threads can be 50x slower)")
+    ap.add_argument("--workers", type=int, default=0, help="processes that build batches ahead (0: inline)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (data is generated on the CPU either way)")
     ap.add_argument("--time-limit", type=float, default=0, help="stop (and save) after this many minutes")
     ap.add_argument("--profile", action="store_true", help="print timings of the first steps")
     ap.add_argument("--eval-only", action="store_true",
                     help="evaluate the checkpoint in --out on --eval-n fresh questions (--eval-seed), "
-                         "with real and with shuffled images, and exit")
+                         "untrimmed, with shuffled images and with Floor, and exit")
     ap.add_argument("--eval-seed", type=int, default=31_337)
     args = ap.parse_args(argv)
     if args.eval_only:
@@ -201,7 +249,10 @@ def main(argv=None):
     else:
         model = build.new_model(config, gate_init=1.0, seed=args.seed)
     hid = config.text_config.hidden_size
-    aux_head = torch.nn.Linear(hid, 1 + len(data.COLOR_NAMES) + 1 + len(data.SHAPES))
+    n_col, n_shape = 1 + len(data.COLOR_NAMES), 1 + len(data.SHAPES)
+    aux_head = torch.nn.Linear(hid, n_col + n_shape + n_col)  # colour, shape, object centre's colour
+    model.to(args.device)
+    aux_head.to(args.device)
     params = list(model.parameters()) + list(aux_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
@@ -210,6 +261,7 @@ def main(argv=None):
     step = 0
     best = None
     history = []
+    commands = []
     if args.resume and state_path.exists():
         st = torch.load(state_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
@@ -218,47 +270,52 @@ def main(argv=None):
         step = st["step"]
         best = st.get("best")
         history = st.get("history", [])
+        commands = st.get("commands", [])
         log(f"resumed from {state_path} at step {step}")
     else:
         log(f"new run: {vars(args)}")
         log(f"params: {sum(p.numel() for p in model.parameters())}")
 
+    commands.append({"from_step": step, "command": "python -m trimllama.testbed.train " + shlex.join(
+        sys.argv[1:] if argv is None else argv)})
     captured = {}
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda m, i, o: captured.__setitem__("proj", o))
 
     eval_qs = data.make_questions(args.eval_n, seed=10_000_019)
     eval_conversations = data.make_conversations(args.eval_n, seed=10_000_079) if args.conversations else []
-    qtypes = data.QUESTION_TYPES
-    weights = tuple(QTYPE_WEIGHTS[t] for t in qtypes)
-    n_col = 1 + len(data.COLOR_NAMES)
+    from ..methods import Floor
 
     def save_state():
         tmp = state_path.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "aux_head": aux_head.state_dict(), "opt": opt.state_dict(),
-                    "step": step, "best": best, "history": history, "args": vars(args)}, tmp)
+                    "step": step, "best": best, "history": history, "args": vars(args), "commands": commands}, tmp)
         os.replace(tmp, state_path)
 
     def do_eval():
         nonlocal best
         t0 = time.time()
         res = evaluate(model, processor, eval_qs)
+        floor = evaluate(model, processor, eval_qs, method=Floor())
         score = (res["overall"], min(v for k, v in res.items() if k != "overall"))
-        record = {"step": step, **res}
+        record = {"step": step, **res, "floor": floor}
         if eval_conversations:
             second = evaluate(model, processor, eval_conversations)
             record["second_turn"] = second
             score = ((res["overall"] + second["overall"]) / 2, score[1])
         history.append(record)
         log(f"eval step {step}: " + " ".join(f"{k}={v:.3f}" for k, v in res.items())
+            + " floor: " + " ".join(f"{k}={v:.2f}" for k, v in floor.items())
             + (f" second_turn={record['second_turn']['overall']:.3f}" if eval_conversations else "")
             + f" ({time.time() - t0:.1f}s)")
         if best is None or score >= tuple(best["score"]):
             best = {"step": step, "score": list(score), "res": res}
             build.save_all(model, processor, out_dir)
             with open(out_dir / "training_summary.json", "w") as f:
-                summary = {"best_step": step, "heldout_accuracy_200": res, "args": vars(args),
-                           "note": "held-out accuracy during training on 200 questions (seed 10000019)"}
+                summary = {"best_step": step, "validation_accuracy_200": res, "validation_floor_200": floor,
+                           "args": vars(args), "commands": commands, "history": history,
+                           "note": "validation accuracy during training on 200 questions (seed 10000019), "
+                                   "untrimmed and with Floor (later cross-attention layers see no image token)"}
                 if eval_conversations:
                     summary["second_turn_accuracy_200"] = record["second_turn"]
                     summary["note"] += "; second turn of 200 conversations (seed 10000079), first answer given"
@@ -278,7 +335,11 @@ def main(argv=None):
     cur_threads = args.threads
     probe = {}
 
-    while step < args.steps:
+    batches = TrainingBatches(processor, args.seed, args.steps, args.batch_size, args.curriculum, args.conversations)
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, sampler=range(step, args.steps),
+                                         num_workers=args.workers, prefetch_factor=4 if args.workers else None)
+    t0 = time.time()
+    for enc, (labels_c, labels_s, labels_m) in loader:
         if args.threads > 1:
             phase = step % 200
             if phase == 0:
@@ -291,19 +352,8 @@ def main(argv=None):
                 log("threads probe: " + " ".join(f"{k}: {sum(v) / len(v):.2f}s/step" for k, v in probe.items())
                     + f" -> using {cur_threads}")
             torch.set_num_threads(cur_threads)
-        t0 = time.time()
-        rng = random.Random(args.seed * 1_000_003 + step)
-        layout_weights = SINGLE_TILE_FIRST if step < args.curriculum * args.steps else None
-        items = []
-        for _ in range(args.batch_size):
-            question = data.make_question(rng, rng.choices(qtypes, weights=weights)[0],
-                                          tiles=rng.choices(data.TILE_LAYOUTS, weights=layout_weights)[0])
-            first = data.first_question(rng, question) if args.conversations and rng.random() < args.conversations else None
-            items.append(question if first is None else data.Conversation(first=first, second=question))
-        enc = make_batch(processor, items, with_answers=True)
-        labels_c, labels_s = zip(*(data.patch_labels(target(item)) for item in items))
-        lc = torch.from_numpy(np.stack(labels_c))
-        ls = torch.from_numpy(np.stack(labels_s))
+        enc = {key: value.to(args.device) for key, value in enc.items()}
+        labels_c, labels_s, labels_m = labels_c.to(args.device), labels_s.to(args.device), labels_m.to(args.device)
         t1 = time.time()
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.steps, args.lr)
@@ -314,7 +364,9 @@ def main(argv=None):
         loss = F.cross_entropy(logits[:, :2].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
         proj = captured["proj"]  # (B, 1, tiles, patches, hid)
         aux_logits = aux_head(proj[:, 0])
-        aux = balanced_patch_loss(aux_logits[..., :n_col], lc) + balanced_patch_loss(aux_logits[..., n_col:], ls)
+        aux = (balanced_patch_loss(aux_logits[..., :n_col], labels_c)
+               + balanced_patch_loss(aux_logits[..., n_col:n_col + n_shape], labels_s)
+               + balanced_patch_loss(aux_logits[..., n_col + n_shape:], labels_m))
         frac = min(1.0, step / (0.5 * args.steps))
         w_aux = args.aux_start + (args.aux_end - args.aux_start) * frac
         total = loss + w_aux * aux
@@ -347,6 +399,7 @@ def main(argv=None):
                 do_eval()
             save_state()
             break
+        t0 = time.time()
     hook.remove()
     log(f"done at step {step}; best {best}")
 
