@@ -184,6 +184,17 @@ def eval_only(args):
     return res
 
 
+def fix_scoring_gate(model, value: float) -> None:
+    """Set tanh of the first cross-attention layer's two gates to `value` and freeze them."""
+    from ..adapters import mllama_facts
+
+    layer = model.model.language_model.layers[mllama_facts.cross_attention_layers(model.config.text_config)[0]]
+    for gate in (layer.cross_attn_attn_gate, layer.cross_attn_mlp_gate):
+        with torch.no_grad():
+            gate.fill_(math.atanh(value))
+        gate.requires_grad_(False)
+
+
 def lr_at(step, total, base, warmup=150, floor=0.05):
     if step < warmup:
         return base * (step + 1) / warmup
@@ -209,6 +220,10 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-from", default=None,
                     help="fine-tune: start from this checkpoint (a new optimizer and auxiliary head) instead of new weights")
+    ap.add_argument("--scoring-gate", type=float, default=None,
+                    help="fix tanh of the first cross-attention layer's attention and MLP gates at this value and do "
+                         "not train them: that layer still selects (its attention is trained as before) but the "
+                         "answer must come through the later cross-attention layers")
     ap.add_argument("--conversations", type=float, default=0.0,
                     help="fraction of each batch drawn as two-turn conversations (their second answer is trained)")
     ap.add_argument("--threads", type=int, default=1,
@@ -248,12 +263,14 @@ def main(argv=None):
         model = load_testbed(checkpoint_dir=args.init_from)[0].train()
     else:
         model = build.new_model(config, gate_init=1.0, seed=args.seed)
+    if args.scoring_gate is not None:
+        fix_scoring_gate(model, args.scoring_gate)
     hid = config.text_config.hidden_size
     n_col, n_shape = 1 + len(data.COLOR_NAMES), 1 + len(data.SHAPES)
     aux_head = torch.nn.Linear(hid, n_col + n_shape + n_col)  # colour, shape, object centre's colour
     model.to(args.device)
     aux_head.to(args.device)
-    params = list(model.parameters()) + list(aux_head.parameters())
+    params = [p for p in model.parameters() if p.requires_grad] + list(aux_head.parameters())
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01},
