@@ -18,20 +18,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import requests
 
-from trimllama.harness.server_process import ServerProcess, free_port
+from trimllama.harness import sglang_arms
+from trimllama.harness.server_process import ServerProcess
 from trimllama.integrations.sglang.layout import PoolLayout
 
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
-             "--mem-fraction-static", "0.05", "--skip-server-warmup", "--sleep-on-idle"]  # fmt: skip
 ARMS = {
     "stock": None,
     "trimmed_shared_pool": ["--shared-pool"],
@@ -126,61 +123,23 @@ def plot(record: dict, path: Path) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", help="an Mllama checkpoint (directory or hub id)")
-    parser.add_argument("--tiny", action="store_true", help="build and serve the tiny CPU test checkpoint")
-    parser.add_argument("--budget", type=int, default=64, help="tokens kept per image")
-    parser.add_argument("--max-total-tokens", type=int, default=4096, help="the pool size given to every server")
     parser.add_argument("--requests", type=int, default=96)
     parser.add_argument("--max-tokens", type=int, nargs="+", default=[64, 8], help="new tokens per request, one burst each")
     parser.add_argument("--question", default="question : what color is the square answer :")
-    parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
     parser.add_argument("--arithmetic", action="store_true", help="print the 11B/90B bytes-per-image table and exit")
-    parser.add_argument("--out", default=None, help="write the results as JSON here (and a plot beside it, .png)")
-    args = parser.parse_args(argv)
+    args, passthrough = sglang_arms.parse(parser, sys.argv[1:], max_total_tokens=4096)
     if args.arithmetic:
         print(json.dumps(arithmetic(), indent=2))
         return
     if not args.tiny and not args.model_path:
         parser.error("give --model-path or --tiny")
-
-    from transformers import AutoConfig
-
-    from trimllama.testing import random_image, save_sglang_checkpoint
-
-    work = Path(tempfile.mkdtemp(prefix="sglang-capacity-"))
-    model_path = str(save_sglang_checkpoint(work / "checkpoint")) if args.tiny else args.model_path
-    tile = AutoConfig.from_pretrained(model_path).vision_config.image_size
-    images = []  # the last one is the single request's
-    for seed in range(args.requests + 1):
-        images.append(str(work / f"image-{seed}.png"))
-        random_image(2, 2, seed=seed, tile=tile).save(images[-1])
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("SGLANG_EXTERNAL", "TRIMLLAMA_SGLANG"))}
-    env["SGLANG_ENABLE_COLOCATED_BATCH_GEN"] = "1"  # the burst reaches the scheduler as one batch
-    cpu = args.cpu or args.tiny
-    if cpu:
-        env["SGLANG_USE_CPU_ENGINE"] = "1"
-    results = {}
-    for arm, options in ARMS.items():
-        port = free_port()
-        launch = ["--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), "--disable-radix-cache",
-                  "--decode-log-interval", "1", "--max-total-tokens", str(args.max_total_tokens),
-                  *(CPU_FLAGS if cpu else ["--disable-cuda-graph"]), *passthrough]  # fmt: skip
-        if options is None:
-            command = [sys.executable, "-m", "sglang.launch_server", *launch]
-        else:
-            command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(args.budget), *options, "--", *launch]
-        server = ServerProcess(command, env, work / f"{arm}.log", port)
-        try:
-            server.wait_ready(900)
-            results[arm] = measure(server, args, images)
-        finally:
-            server.stop()
-        print(f"{arm:22s} {json.dumps(results[arm])}", flush=True)
+    work, model_path, images = sglang_arms.prepare(args, args.requests + 1, "sglang-capacity-")  # the last: one request's
+    results = sglang_arms.serve_arms(
+        ARMS, args, passthrough, work, model_path, lambda server: measure(server, args, images),
+        launch=["--disable-radix-cache", "--decode-log-interval", "1"],
+        env={"SGLANG_ENABLE_COLOCATED_BATCH_GEN": "1"},  # the burst reaches the scheduler as one batch
+    )
 
     print(f"\nmodel {model_path}, budget {args.budget} per image, --max-total-tokens {args.max_total_tokens}, "
           f"{args.requests} requests at once, each with its own 4-tile image")  # fmt: skip

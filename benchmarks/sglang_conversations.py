@@ -18,18 +18,14 @@ from __future__ import annotations
 import argparse
 import base64
 import json
-import os
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from trimllama.harness.server_process import ServerProcess, free_port
-
-CPU_FLAGS = ["--device", "cpu", "--attention-backend", "torch_native", "--disable-cuda-graph", "--dtype", "float32",
-             "--mem-fraction-static", "0.05", "--skip-server-warmup", "--sleep-on-idle"]  # fmt: skip
+from trimllama.harness import sglang_arms
+from trimllama.harness.server_process import ServerProcess
 ARMS = {"stock": None, "per_prompt_keying": ["--param", "query_rows=all"], "image_turn_keying": []}
 QUESTIONS = ["what color is the square", "how many circles are there", "what shape is left of the circle", "is there a red triangle"]
 
@@ -103,57 +99,19 @@ def plot(record: dict, path: Path) -> None:
 
 
 def main() -> None:
-    argv = sys.argv[1:]
-    passthrough = argv[argv.index("--") + 1 :] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-path", help="an Mllama checkpoint (directory or hub id)")
-    parser.add_argument("--tiny", action="store_true", help="build and serve the tiny CPU test checkpoint")
-    parser.add_argument("--budget", type=int, default=64, help="tokens kept per image")
-    parser.add_argument("--max-total-tokens", type=int, default=16384, help="the pool size given to every server")
     parser.add_argument("--conversations", type=int, default=16)
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=8)
-    parser.add_argument("--cpu", action="store_true", help="SGLang's CPU engine flags (implied by --tiny)")
-    parser.add_argument("--out", default=None, help="write the results as JSON here (and a plot beside it, .png)")
-    args = parser.parse_args(argv)
+    args, passthrough = sglang_arms.parse(parser, sys.argv[1:], max_total_tokens=16384)
     if not args.tiny and not args.model_path:
         parser.error("give --model-path or --tiny")
-
-    from transformers import AutoConfig
-
-    from trimllama.testing import random_image, save_sglang_checkpoint
-
-    work = Path(tempfile.mkdtemp(prefix="sglang-conversations-"))
-    model_path = str(save_sglang_checkpoint(work / "checkpoint")) if args.tiny else args.model_path
-    tile = AutoConfig.from_pretrained(model_path).vision_config.image_size
-    urls = []
-    for seed in range(args.conversations):
-        path = work / f"image-{seed}.png"
-        random_image(2, 2, seed=seed, tile=tile).save(path)
-        urls.append(image_url(str(path)))
-
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("SGLANG_EXTERNAL", "TRIMLLAMA_SGLANG"))}
-    cpu = args.cpu or args.tiny
-    if cpu:
-        env["SGLANG_USE_CPU_ENGINE"] = "1"
-    results = {}
-    for arm, options in ARMS.items():
-        port = free_port()
-        launch = ["--model-path", model_path, "--host", "127.0.0.1", "--port", str(port), "--enable-cache-report",
-                  "--max-total-tokens", str(args.max_total_tokens), *(CPU_FLAGS if cpu else ["--disable-cuda-graph"]),
-                  *passthrough]  # fmt: skip
-        if options is None:
-            command = [sys.executable, "-m", "sglang.launch_server", *launch]
-        else:
-            command = [str(Path(sys.executable).parent / "trimllama"), "sglang", "--budget", str(args.budget), *options, "--", *launch]
-        server = ServerProcess(command, env, work / f"{arm}.log", port)
-        try:
-            server.wait_ready(900)
-            results[arm] = run_conversations(server, args, urls)
-        finally:
-            server.stop()
-        print(f"{arm}: {json.dumps(results[arm])}", flush=True)
+    work, model_path, images = sglang_arms.prepare(args, args.conversations, "sglang-conversations-")
+    urls = [image_url(path) for path in images]
+    results = sglang_arms.serve_arms(
+        ARMS, args, passthrough, work, model_path, lambda server: run_conversations(server, args, urls),
+        launch=["--enable-cache-report"],
+    )
 
     print(f"\nmodel {model_path}, budget {args.budget}, {args.conversations} conversations x {args.turns} turns at once")
     print(f"{'turn':>4s} " + "".join(f"{arm + ' prefilled / ttft':>36s}" for arm in results))
