@@ -454,7 +454,8 @@ class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
             return None
         extend = [1] * len(lengths) if decode else forward_batch.extend_seq_lens_cpu
         starts = torch.tensor([0, *extend[:-1]]).cumsum(0).tolist()
-        req_to_token = get_req_to_token_pool().req_to_token
+        # one gather for the batch: the first max(encoder_len) token slots of every request
+        block_slots = get_req_to_token_pool().req_to_token[forward_batch.req_pool_indices, : max(lengths)].long()
         requests = []
         for index, (length, mm_inputs) in enumerate(zip(lengths, forward_batch.mm_inputs or [None] * len(lengths))):
             if length == 0:
@@ -463,8 +464,7 @@ class MllamaForConditionalGeneration(mllama.MllamaForConditionalGeneration):
             if layout.slots(tokens) != length:
                 raise ShapeMismatchError(f"a request's image block has {length} slots, expected {layout.slots(tokens)}")
             rows = slice(starts[index], starts[index] + extend[index])
-            slots = req_to_token[forward_batch.req_pool_indices[index], :length].long()
-            request = RequestImages(rows=rows, slots=slots, tokens=tokens)
+            request = RequestImages(rows=rows, slots=block_slots[index, :length], tokens=tokens)
             if not cached[index]:
                 text_ids = input_ids[rows].cpu()
                 request.encoding = Encoding(real_tiles=tiles, spans=self.spans(text_ids), patches=self.trim_state.patches)
